@@ -1,0 +1,360 @@
+"""Shared boilerplate for every stage: dataset presets, the one VOC-layout reader (VOC, COCO in VOC
+layout, and the toy world all go through it), seeding, device and torchrun set-up, logging,
+atomic file writes and checkpoint I/O.
+
+The algorithm itself (S, the masked CLIP samples, the three losses, the prompts) is in semples.py.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor"]
+COCO_CLASSES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase",
+    "scissors", "teddy bear", "hair drier", "toothbrush"]
+# CLIP reads better with natural words than with VOC's folder names.
+CLIP_NAMES = {"aeroplane": "aeroplane", "diningtable": "dining table", "motorbike": "motorbike",
+              "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
+
+# Where each dataset lives by default and which CLIP judges it. Stages add their own per-dataset values.
+DATASETS = {
+    "voc": dict(data="data/VOCdevkit/VOC2012", clip="ViT-B/32"),
+    "coco": dict(data="data/coco", clip="ViT-B/32"),
+    "toy": dict(data="data/toy", clip="data/toy/tiny_clip.pt"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: `--dataset` picks a preset, explicit flags override it
+# ----------------------------------------------------------------------------------------------
+def parse_args(parser, presets, argv=None):
+    """Parse `argv` with per-dataset defaults: `presets[name]` is a dict of flag defaults for each of
+    voc/coco/toy; flags given on the command line always win over the preset."""
+    parser.add_argument("--dataset", type=str, default="voc", choices=sorted(presets),
+                        help="preset of per-dataset defaults (paper's VOC/COCO settings, or the toy world)")
+    known, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**presets[known.dataset])
+    return parser.parse_args(argv)
+
+
+def presets(**per_dataset):
+    """Merge stage-specific per-dataset defaults with the shared data/clip locations."""
+    return {name: {**DATASETS[name], **per_dataset.get(name, {})} for name in DATASETS}
+
+
+# ----------------------------------------------------------------------------------------------
+# The VOC-layout reader
+# ----------------------------------------------------------------------------------------------
+def _need(path, what):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}. Check --data (it must point at a folder "
+                                "with JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/, see README "
+                                "'Data'), or run `python make_toy.py` for the toy world.")
+    return path
+
+
+def read_ids(root, split):
+    """Image ids of `root/ImageSets/Segmentation/{split}.txt` (VOC lists may carry extra columns)."""
+    path = _need(os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt"), f"split list '{split}'")
+    with open(path) as f:
+        ids = [line.split()[0] for line in f if line.strip()]
+    if not ids:
+        raise ValueError(f"split list {path} is empty")
+    return ids
+
+
+def read_class_names(root, dataset="toy"):
+    """Foreground class names: `root/class_names.txt` if present (toy), else the VOC/COCO list."""
+    path = os.path.join(root, "class_names.txt")
+    if os.path.exists(path):
+        with open(path) as f:
+            return [line.strip() for line in f if line.strip()]
+    if dataset in ("voc", "coco"):
+        return list(VOC_CLASSES if dataset == "voc" else COCO_CLASSES)
+    raise FileNotFoundError(f"{path} not found and dataset '{dataset}' has no built-in class list")
+
+
+def mask_dir(root):
+    """VOC keeps the 10,582 train_aug masks (SBD) in SegmentationClassAug; VOC's own and the toy's are
+    in SegmentationClass."""
+    aug = os.path.join(root, "SegmentationClassAug")
+    return aug if os.path.isdir(aug) else os.path.join(root, "SegmentationClass")
+
+
+def image_path(root, image_id):
+    return os.path.join(root, "JPEGImages", f"{image_id}.jpg")
+
+
+def read_image(path):
+    """RGB uint8 HxWx3; a clear error for a missing or unreadable file."""
+    _need(path, "image")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as e:
+        raise ValueError(f"cannot read image {path} ({e}); replace or remove it from the split list") from e
+
+
+def read_mask(path):
+    """Class-index map (uint8 HxW) from a palette or grey PNG. RGB-coloured masks are refused, because
+    turning colours back into indices silently is how label bugs start."""
+    _need(path, "mask")
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise ValueError(f"mask {path} has mode {im.mode}; expected a palette (P) or grey (L) PNG "
+                                 "holding class indices")
+            return np.asarray(im)
+    except OSError as e:
+        raise ValueError(f"cannot read mask {path} ({e})") from e
+
+
+def voc_palette():
+    """The standard VOC colour map (256 entries, bit-interleaved), flattened for PIL."""
+    pal = np.zeros((256, 3), np.uint8)
+    for i in range(256):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    return pal.reshape(-1).tolist()
+
+
+_PALETTE = voc_palette()
+
+
+def save_mask(path, mask):
+    """Write a class-index map as a VOC-palette PNG (visible in any viewer), atomically."""
+    im = Image.fromarray(np.asarray(mask, dtype=np.uint8))
+    im.putpalette(_PALETTE)  # turns the grey image into a palette one, indices unchanged
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG")
+
+
+def labels_of_mask(mask, num_classes=None, where=""):
+    """Image-level labels the standard way: the class values present in the mask, 0 and 255 ignored."""
+    values = np.unique(mask)
+    values = [int(v) for v in values if v not in (0, 255)]
+    if num_classes is not None and values and max(values) > num_classes:
+        raise ValueError(f"mask {where} holds class {max(values)} but the dataset has {num_classes} classes")
+    return values
+
+
+def write_labels(root):
+    """Derive `root/cls_labels.json` ({id: [mask values 1..K]}) from the masks of every split list."""
+    split_dir = _need(os.path.join(root, "ImageSets", "Segmentation"), "split folder")
+    ids = sorted({i for f in sorted(os.listdir(split_dir)) if f.endswith(".txt")
+                  for i in read_ids(root, f[:-4])})
+    mdir = mask_dir(root)
+    labels = {i: labels_of_mask(read_mask(os.path.join(mdir, f"{i}.png")), where=i) for i in ids}
+    with atomic_path(os.path.join(root, "cls_labels.json")) as tmp, open(tmp, "w") as f:
+        json.dump(labels, f, indent=0)
+    return labels
+
+
+def load_labels(root, ids, num_classes, require_nonempty=True):
+    """Multi-hot labels [N, K] for `ids` from `root/cls_labels.json` (derived from the masks once, the
+    first time, if the file is absent). An image without any label cannot train a WSSS model."""
+    path = os.path.join(root, "cls_labels.json")
+    if not os.path.exists(path):
+        write_labels(root)
+    with open(path) as f:
+        table = json.load(f)
+    y = np.zeros((len(ids), num_classes), np.float32)
+    for n, i in enumerate(ids):
+        if i not in table:
+            raise KeyError(f"image {i} has no entry in {path}; delete the file to re-derive it from the masks")
+        values = table[i]
+        if require_nonempty and not values:
+            raise ValueError(f"image {i} has an empty label row in {path}: every training image needs at "
+                             "least one class; remove it from the split list")
+        if values and (min(values) < 1 or max(values) > num_classes):
+            raise ValueError(f"image {i} in {path} has class {max(values)} outside 1..{num_classes}: "
+                             "class count mismatch between the labels and the class list")
+        y[n, np.asarray(values, int) - 1] = 1
+    return y
+
+
+class ClsDataset(torch.utils.data.Dataset):
+    """(image, multi-hot label) pairs at a fixed square size, the input of S in every stage.
+
+    Images come out as float [3, size, size] in [0, 1]: S normalises them itself, and the masked CLIP
+    samples are built from the raw pixels. Augmentation (horizontal flip) draws from an RNG seeded by
+    (seed, epoch, index), so a resumed run sees exactly the images an uninterrupted run would."""
+
+    def __init__(self, root, split, num_classes, size, augment=False, seed=0):
+        self.root, self.size, self.augment, self.seed, self.epoch = root, size, augment, seed, 0
+        self.ids = read_ids(root, split)
+        self.labels = load_labels(root, self.ids, num_classes)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, n):
+        img = Image.fromarray(read_image(image_path(self.root, self.ids[n])))
+        img = img.resize((self.size, self.size), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
+        if self.augment and np.random.default_rng([self.seed, self.epoch, n]).random() < 0.5:
+            x = x.flip(-1)
+        return x, torch.from_numpy(self.labels[n]), n
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeding, device, torchrun
+# ----------------------------------------------------------------------------------------------
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def setup_device(name):
+    """Pick the device once. Under torchrun (WORLD_SIZE > 1) also join the process group: NCCL on CUDA,
+    one process per GPU. Returns (device, rank, world_size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if name.startswith("cuda"):
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+        else:
+            device = torch.device(name)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return device, dist.get_rank(), world
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but no CUDA device is visible; pass --device cpu")
+    return torch.device(name), 0, 1
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(value, world):
+    """Average a python float over processes (for logging)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.item() / world
+
+
+def autocast(device, enabled):
+    """bf16 autocast on CUDA (no loss scaler needed); plain fp32 on CPU, where it would only be slower."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cosine_lr(base_lr, step, total_steps, warmup_steps=0):
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: atomic writes, checkpoints, logs
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary name beside `path`; rename it onto `path` only if the block succeeds, so a
+    killed run never leaves a half-written file under the real name."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(obj, path):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path, kind, flag="--init"):
+    """Load a checkpoint dict written by one of our stages and check it holds `kind`
+    ('mask_generator', 'prompts', 'segmenter')."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found (flag {flag}); run the stage that writes it "
+                                "first (see README), or point the flag at an existing file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint ({e}); check flag {flag}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} (flag {flag}) holds '{found}', expected a '{kind}' checkpoint")
+    return ckpt
+
+
+class Logger:
+    """Print and append to OUT/log.txt (rank 0 only). One greppable line per epoch is the convention."""
+
+    def __init__(self, out_dir, rank=0):
+        self.path = os.path.join(out_dir, "log.txt") if rank == 0 else None
+        if self.path:
+            os.makedirs(out_dir, exist_ok=True)
+
+    def __call__(self, msg):
+        if self.path:
+            print(msg, flush=True)
+            with open(self.path, "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+
+
+def save_args(args, out_dir, name="args.json"):
+    with atomic_path(os.path.join(out_dir, name)) as tmp, open(tmp, "w") as f:
+        json.dump(vars(args), f, indent=2, sort_keys=True)
+
+
+def progress(iterable, desc, enabled=True, total=None):
+    """tqdm on an interactive terminal, silent in logs and CI (the epoch line says what matters)."""
+    if not enabled or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def add_common_flags(parser):
+    """Flags every stage has, with one meaning everywhere."""
+    parser.add_argument("--data", type=str, default=None, help="dataset root in VOC layout (preset sets it)")
+    parser.add_argument("--device", type=str, default=default_device(), help="cuda, cuda:1 or cpu")
+    parser.add_argument("--seed", type=int, default=504, help="random seed (the authors' release uses 504)")
+    parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                        help="bf16 autocast on CUDA (ignored on CPU)")
+    return parser

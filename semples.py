@@ -1,0 +1,227 @@
+"""The algorithm pieces the three SemPLeS stages share: the mask generator S, the masked CLIP samples,
+the losses L_match, L_prompt and L_refine, and the learnable background prompts.
+
+Notation follows the paper (see ../shared/METHOD.md): for every class k present in image X,
+    X^f_k = M_k * X,  X^b_k = (1 - M_k) * X,  v = E_I(.),  u^f_k = E_T("a photo of {k}."),  u^b_k = E_T(p_k)
+and sim() is the cosine similarity clamped into [1e-4, 1 - 1e-4] before every log (as in CLIMS).
+"""
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.resnet import BasicBlock
+
+import clip
+from common import CLIP_NAMES, load_checkpoint
+
+EPS = 1e-4
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+BACKBONES = ("resnet50", "resnet101", "resnet18", "resnet34", "tiny")
+
+
+# ----------------------------------------------------------------------------------------------
+# The mask generator S: backbone -> 1x1 classifier -> one class activation map per class
+# ----------------------------------------------------------------------------------------------
+def _tiny_backbone():
+    """A three-stage ResNet of BasicBlocks at output stride 8, small enough for the toy world on CPU."""
+    def stage(cin, cout, stride):
+        down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        return BasicBlock(cin, cout, stride, down)
+    stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True))
+    return nn.Sequential(stem, stage(32, 64, 2), stage(64, 128, 2), stage(128, 256, 1)), 256
+
+
+def _dilate(layer, dilation):
+    """Turn a ResNet stage's stride 2 into dilation, keeping the receptive field (DeepLab's trick).
+    Works for Basic and Bottleneck blocks alike, unlike torchvision's replace_stride_with_dilation."""
+    for m in layer.modules():
+        if isinstance(m, nn.Conv2d):
+            if m.stride == (2, 2):
+                m.stride = (1, 1)
+            if m.kernel_size == (3, 3):
+                m.dilation, m.padding = (dilation, dilation), (dilation, dilation)
+
+
+def build_backbone(name, output_stride):
+    """Returns (feature extractor, channels). torchvision ResNets are dilated to `output_stride`."""
+    if name == "tiny":
+        return _tiny_backbone()
+    if name not in BACKBONES:
+        raise ValueError(f"--backbone {name} unknown; choose from {BACKBONES}")
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"--output_stride must be 8, 16 or 32, got {output_stride}")
+    net = getattr(torchvision.models, name)(weights=None)
+    if output_stride <= 16:
+        _dilate(net.layer4, 2 if output_stride == 16 else 4)
+    if output_stride == 8:
+        _dilate(net.layer3, 2)
+    body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+    return body, net.fc.in_features
+
+
+class MaskGenerator(nn.Module):
+    """S: image in [0, 1] -> class activation maps [B, K, h, w] (logits). The soft masks M = sigmoid(CAM)
+    lie in [0, 1]; the pooled class scores (global average of the CAMs, equal to a linear classifier on
+    pooled features) feed the optional classification loss that makes S a CAM network in the first place.
+    """
+
+    def __init__(self, backbone="resnet50", num_classes=20, output_stride=16):
+        super().__init__()
+        self.backbone, channels = build_backbone(backbone, output_stride)
+        self.classifier = nn.Conv2d(channels, num_classes, 1, bias=False)  # the CLIMS/IRN 1x1 classifier
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return self.classifier(self.backbone((x - self.mean) / self.std))
+
+
+def build_mask_generator(backbone, num_classes, output_stride, init=None):
+    """Build S; `init` is an ImageNet torchvision state-dict file (backbone only) or one of our S
+    checkpoints (everything, class count checked), or None (random init, fine for the toy world)."""
+    S = MaskGenerator(backbone, num_classes, output_stride)
+    if not init:
+        return S
+    if not os.path.exists(init):
+        raise FileNotFoundError(f"--init {init} not found: pass an ImageNet torchvision state-dict file, "
+                                "an S checkpoint from train_match.py, or nothing (random init)")
+    obj = torch.load(init, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and obj.get("kind") == "mask_generator":
+        if obj["num_classes"] != num_classes:
+            raise ValueError(f"--init {init} was trained for {obj['num_classes']} classes, the dataset has "
+                             f"{num_classes}")
+        S.load_state_dict(obj["model"])
+    elif isinstance(obj, dict) and "conv1.weight" in obj:  # torchvision ImageNet weights, fc dropped
+        order = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+        renamed = {f"{order.index(k.split('.')[0])}.{k.split('.', 1)[1]}": v for k, v in obj.items()
+                   if not k.startswith("fc.")}
+        missing, unexpected = S.backbone.load_state_dict(renamed, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"--init {init} does not fit --backbone {backbone}: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+    else:
+        raise ValueError(f"--init {init} is neither an S checkpoint of ours nor a torchvision ImageNet "
+                         "state dict (expected keys like 'conv1.weight')")
+    return S
+
+
+def load_mask_generator(path, device, flag="--checkpoint"):
+    """Rebuild S from a stage checkpoint alone (the architecture is in the checkpoint's args)."""
+    ckpt = load_checkpoint(path, "mask_generator", flag)
+    a = ckpt["args"]
+    S = MaskGenerator(a["backbone"], ckpt["num_classes"], a["output_stride"])
+    S.load_state_dict(ckpt["model"])
+    return S.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP side: frozen model, class texts, masked samples
+# ----------------------------------------------------------------------------------------------
+def load_frozen_clip(name_or_path, device):
+    """CLIP in fp32 (autocast handles bf16 on CUDA), eval mode, no parameter trains."""
+    model, _ = clip.load(name_or_path, device="cpu")
+    model = model.float().to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def clip_name(name):
+    return CLIP_NAMES.get(name, name)
+
+
+@torch.no_grad()
+def class_text_features(model, class_names, template="a photo of {}."):
+    """u^f: one normalised text feature per class, computed once per run."""
+    tokens = clip.tokenize([template.format(clip_name(c)) for c in class_names],
+                           context_length=model.context_length)
+    return F.normalize(model.encode_text(tokens.to(next(model.parameters()).device)).float(), dim=-1)
+
+
+def encode_images(model, x):
+    """v: normalised image features of images in [0, 1] at CLIP's resolution (CLIP's own mean/std)."""
+    mean = torch.tensor(clip.MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(clip.STD, device=x.device).view(1, 3, 1, 1)
+    return F.normalize(model.encode_image((x - mean) / std).float(), dim=-1)
+
+
+def masked_pairs(images, masks, labels, resolution):
+    """One CLIP sample per (image, present class) pair: the class's soft mask resized (bilinear) to the
+    CLIP input, min-max normalised per map, applied to the image as foreground and background.
+    Returns (X^f [P,3,r,r], X^b [P,3,r,r], class index k [P], image index b [P])."""
+    b, k = labels.nonzero(as_tuple=True)
+    m = F.interpolate(masks[b, k].unsqueeze(1).float(), size=(resolution, resolution), mode="bilinear",
+                      align_corners=False)
+    lo = m.amin(dim=(2, 3), keepdim=True)
+    hi = m.amax(dim=(2, 3), keepdim=True)
+    m = (m - lo) / (hi - lo + 1e-5)
+    x = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)[b]
+    return m * x, (1 - m) * x, k, b
+
+
+def sim(a, b):
+    """Cosine similarity of normalised features, clamped so that log() stays finite."""
+    return (a * b).sum(-1).clamp(EPS, 1 - EPS)
+
+
+# ----------------------------------------------------------------------------------------------
+# The three losses, exactly as METHOD.md writes them (means over (image, class) pairs)
+# ----------------------------------------------------------------------------------------------
+def L_match(v_f, v_b, u_f, lambda_b):
+    """Segment-Label Matching: X^f should match "a photo of {k}.", X^b should not.
+    Returns (loss, foreground term, background term); u_f is already indexed by each pair's class."""
+    fg = -torch.log(sim(v_f, u_f)).mean()
+    bg = -torch.log(1 - sim(v_b, u_f)).mean()
+    return fg + lambda_b * bg, fg, bg
+
+
+def L_prompt(u_b, v_b, u_f, lambda_T, image_term=True):
+    """Contrastive Prompt Learning: the prompt u^b_k should match the background X^b of class k
+    (L_prompt^I) and stay away from the class text u^f_k (L_prompt^T). Returns (loss, I term, T term)."""
+    term_I = -torch.log(sim(u_b, v_b)).mean()
+    term_T = torch.log(sim(u_b, u_f)).mean()
+    return (term_I if image_term else 0) + lambda_T * term_T, term_I, term_T
+
+
+def L_refine(v_f, u_b):
+    """Prompt-guided Semantic Refinement: the foreground should not look like the class's background."""
+    return -torch.log(1 - sim(v_f, u_b)).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Learnable background prompts p_k, one token sequence per class (CoOp-style)
+# ----------------------------------------------------------------------------------------------
+class Prompts(nn.Module):
+    """p [K, L, D] enters the text encoder as [SOT] + embed("a photo of") + p_k + embed(".") + [EOT].
+    The official release initialises p uniformly in [0, 1)."""
+
+    def __init__(self, model, num_classes, length=30, prefix="a photo of", suffix="."):
+        super().__init__()
+        pre, suf = _bare_tokens(prefix, model), _bare_tokens(suffix, model)
+        need = 1 + len(pre) + length + len(suf) + 1
+        if need > model.context_length:
+            raise ValueError(f"--prompt_length {length} does not fit: the prompt needs {need} tokens, the "
+                             f"CLIP context holds {model.context_length}")
+        sot, eot = clip.tokenize([""], context_length=model.context_length)[0, :2].tolist()
+        row = [sot] + pre + [0] * length + suf + [eot]
+        tokens = torch.zeros(model.context_length, dtype=torch.long)
+        tokens[: len(row)] = torch.tensor(row)
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.start, self.length, self.eot = 1 + len(pre), length, len(row) - 1
+        self.prompts = nn.Parameter(torch.rand(num_classes, length, model.token_embedding.weight.shape[1]))
+
+    def forward(self, model):
+        """u^b: normalised text features [K, D] of the K background prompts."""
+        K = self.prompts.shape[0]
+        x = model.token_embedding(self.tokens).unsqueeze(0).expand(K, -1, -1)
+        x = torch.cat([x[:, : self.start], self.prompts.to(x.dtype), x[:, self.start + self.length:]], dim=1)
+        eot = torch.full((K,), self.eot, dtype=torch.long, device=x.device)
+        return F.normalize(model.encode_token_embeddings(x, eot).float(), dim=-1)
+
+
+def _bare_tokens(text, model):
+    """BPE ids of `text` without [SOT]/[EOT]."""
+    t = clip.tokenize([text], context_length=model.context_length)[0]
+    return t[1: int(t.argmax())].tolist()

@@ -1,0 +1,175 @@
+"""Stage (b) Contrastive Prompt Learning: with S frozen (from stage (a)), learn one token sequence p_k
+per class that describes the class's co-occurring background.
+
+    L_prompt = E[ -log sim(u^b_k, v^b_k) + lambda_T * log sim(u^b_k, u^f_k) ]      u^b_k = E_T(p_k)
+
+The first term (L_prompt^I) pulls the prompt towards what CLIP sees in the background (1-M_k)*X; the
+second (L_prompt^T) pushes it away from the class text. S is frozen and this stage has no
+augmentation, so the background features v^b of every (image, class) pair never change: they are
+computed once (cached in OUT/cache.pt) and the prompts train against the cache.
+
+Toy world (CPU, under a minute):
+    python train_prompt.py --dataset toy --device cpu
+Paper, VOC:
+    python train_prompt.py --dataset voc --match out/voc/match/checkpoint.pt
+Ablations (paper Table 4): `--lambda_T 0` (L_prompt^I only), `--no-image_term` (L_prompt^T only),
+`--epochs 0` (unlearned, randomly initialised prompts).
+
+Writes OUT/prompts.pt: the prompts [K, L, D], their text features u^b [K, D], the class names, the
+CLIP identity, optimizer and epoch (resumed from if present); OUT/log.txt, OUT/args.json.
+"""
+import argparse
+import hashlib
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+from semples import (L_prompt, Prompts, class_text_features, encode_images, load_frozen_clip,
+                     load_mask_generator, masked_pairs)
+
+PRESETS = common.presets(
+    voc=dict(lambda_T=0.02, match="out/voc/match/checkpoint.pt", out="out/voc/prompt", size=448, clip_res=224),
+    coco=dict(lambda_T=0.01, match="out/coco/match/checkpoint.pt", out="out/coco/prompt", size=448, clip_res=224),
+    toy=dict(lambda_T=0.02, match="out/toy/match/checkpoint.pt", out="out/toy/prompt", size=96, clip_res=64,
+             epochs=30, workers=1),
+)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_flags(p)
+    p.add_argument("--clip", type=str, default=None, help="CLIP model name or checkpoint path (as stage a)")
+    p.add_argument("--match", type=str, default=None, help="stage (a) checkpoint of S")
+    p.add_argument("--split", type=str, default="train_aug", help="image list the prompts learn from")
+    p.add_argument("--out", type=str, default=None, help="output folder")
+    p.add_argument("--size", type=int, default=448, help="S input size (as in stage a)")
+    p.add_argument("--clip_res", type=int, default=224, help="CLIP input resolution")
+    p.add_argument("--prompt_length", type=int, default=30, help="learnable tokens per class (L)")
+    p.add_argument("--batch_size", type=int, default=128, help="(image, class) pairs per step")
+    p.add_argument("--epochs", type=int, default=60, help="epochs over the cached pairs (0 = unlearned)")
+    p.add_argument("--lr", type=float, default=0.1, help="AdamW lr before scaling by batch/512")
+    p.add_argument("--weight_decay", type=float, default=0.03, help="AdamW weight decay")
+    p.add_argument("--lambda_T", type=float, default=0.02, help="weight of L_prompt^T")
+    p.add_argument("--image_term", action=argparse.BooleanOptionalAction, default=True,
+                   help="use L_prompt^I (off: the Table 4 'L_prompt^T only' row)")
+    p.add_argument("--template", type=str, default="a photo of {}.", help="class text template (u^f)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from OUT/prompts.pt if present")
+    return p
+
+
+def clip_identity(args, clip_model):
+    """Name plus a fingerprint of the text tower, so stage (c) can refuse prompts from another CLIP."""
+    w = clip_model.text_projection.detach().float().cpu().numpy().tobytes()
+    return {"clip": args.clip, "fingerprint": hashlib.sha256(w).hexdigest()[:16]}
+
+
+@torch.no_grad()
+def background_cache(args, S, clip_model, K, device, log, rank=0):
+    """v^b and k of every (image, present class) pair of the split, computed once with the frozen S."""
+    path = os.path.join(args.out, "cache.pt")
+    if os.path.exists(path):
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+        if cache.get("match") == os.path.abspath(args.match) and cache.get("split") == args.split:
+            return cache["v_b"], cache["k"]
+    data = common.ClsDataset(args.data, args.split, K, args.size, augment=False)
+    loader = torch.utils.data.DataLoader(data, 64, shuffle=False, num_workers=args.workers)
+    v_b, ks = [], []
+    for x, y, _ in common.progress(loader, "caching v^b"):
+        x, y = x.to(device), y.to(device)
+        with common.autocast(device, args.amp):
+            _, X_b, k, _ = masked_pairs(x, torch.sigmoid(S(x).float()), y, args.clip_res)
+            v_b.append(encode_images(clip_model, X_b).float().cpu())
+        ks.append(k.cpu())
+    v_b, ks = torch.cat(v_b), torch.cat(ks)
+    log(f"cached v^b of {len(ks)} (image, class) pairs from {len(data)} images")
+    if rank == 0:
+        common.save_checkpoint({"v_b": v_b, "k": ks, "match": os.path.abspath(args.match), "split": args.split},
+                               path)
+    return v_b, ks
+
+
+def main(args):
+    device, rank, world = common.setup_device(args.device)
+    common.seed_everything(args.seed)
+    log = common.Logger(args.out, rank)
+    out_path = os.path.join(args.out, "prompts.pt")
+
+    S, match_ckpt = load_mask_generator(args.match, device, "--match")
+    names = common.read_class_names(args.data, args.dataset)
+    K = len(names)
+    if match_ckpt["num_classes"] != K:
+        raise ValueError(f"--match {args.match} has {match_ckpt['num_classes']} classes, --data {K}")
+    if not match_ckpt.get("done", True):
+        log(f"warning: {args.match} is from an unfinished stage (a) run (epoch {match_ckpt['epoch']})")
+    clip_model = load_frozen_clip(args.clip, device)
+    u_f = class_text_features(clip_model, names, args.template)
+    v_b, k = background_cache(args, S, clip_model, K, device, log, rank)
+    v_b, k = v_b.to(device), k.to(device)
+    del S
+
+    prompts = Prompts(clip_model, K, args.prompt_length).to(device)
+    lr = args.lr * args.batch_size / 512
+    opt = torch.optim.AdamW(prompts.parameters(), lr=lr, weight_decay=args.weight_decay)
+    start = 0
+    if args.resume and os.path.exists(out_path):
+        ckpt = common.load_checkpoint(out_path, "prompts", "--out")
+        if ckpt["num_classes"] != K or ckpt["prompts"].shape[1] != args.prompt_length:
+            raise ValueError(f"{out_path} does not match this run (classes / prompt length); use a new --out")
+        prompts.prompts.data.copy_(ckpt["prompts"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start = ckpt["epoch"]
+        log(f"resumed from {out_path} at epoch {start}/{args.epochs}")
+    elif rank == 0:
+        common.save_args(args, args.out)
+    model = DDP(prompts) if world > 1 else prompts
+
+    def save(epoch):
+        if rank == 0:
+            with torch.no_grad():
+                u_b = prompts(clip_model)
+            common.save_checkpoint({"kind": "prompts", "prompts": prompts.prompts.detach().cpu(),
+                                    "u_b": u_b.cpu(), "class_names": names, "num_classes": K,
+                                    **clip_identity(args, clip_model), "optimizer": opt.state_dict(),
+                                    "epoch": epoch, "epochs": args.epochs, "done": epoch == args.epochs,
+                                    "args": vars(args)}, out_path)
+
+    if args.epochs == 0 or start == 0:
+        save(start)  # unlearned prompts are a valid (ablation) output too
+    steps = max(1, len(k) // args.batch_size)
+    per_rank = args.batch_size // world
+    for epoch in range(start, args.epochs):
+        order = torch.randperm(len(k), generator=torch.Generator().manual_seed(args.seed + epoch)).to(device)
+        sums, t0 = {}, time.time()
+        for it in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = common.cosine_lr(lr, epoch * steps + it, args.epochs * steps)
+            idx = order[it * args.batch_size + rank * per_rank:][:per_rank]
+            with common.autocast(device, args.amp):
+                # ---------------- algorithm logic ----------------
+                u_b = model(clip_model)  # all K prompts through the text encoder
+                loss, term_I, term_T = L_prompt(u_b[k[idx]], v_b[idx], u_f[k[idx]], args.lambda_T,
+                                                args.image_term)
+                # --------------------------------------------------
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for name, value in (("L_prompt", loss), ("L_prompt_I", term_I), ("L_prompt_T", term_T)):
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+        means = {n: common.all_reduce_mean(v / steps, world) for n, v in sums.items()}
+        log(f"epoch {epoch + 1}/{args.epochs} [prompt] " + " ".join(f"{n} {v:.4f}" for n, v in means.items())
+            + f" lr {opt.param_groups[0]['lr']:.2e} time {time.time() - t0:.1f}s")
+        save(epoch + 1)
+    with torch.no_grad():
+        u_b = prompts(clip_model)
+    gap = (u_b * u_f).sum(-1)
+    log("sim(u^b_k, u^f_k) per class: " + " ".join(f"{n} {v:.3f}" for n, v in zip(names, gap.tolist())))
+    log(f"done: {out_path}")
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(common.parse_args(build_parser(), PRESETS))

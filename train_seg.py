@@ -1,0 +1,408 @@
+"""The standard WSSS evaluation: train a DeepLab-v2 segmenter on the pseudo masks, then predict val.
+
+DeepLab-v2 (the recipe of METHOD.md, "The standard evaluation"): ResNet-101 dilated to output stride 8,
+ASPP = four parallel 3x3 convolutions with rates 6/12/18/24 whose outputs are summed (no BN in the
+head), K+1 outputs (background included). Random scale 0.5-1.5, random crop (pad: mean pixel / ignore
+255), horizontal flip; SGD momentum 0.9, weight decay 5e-4, lr 2.5e-4 with 10x (weights) / 20x (biases)
+on the ASPP head as in DeepLab's release, poly 0.9, batch 10, 20k iterations; backbone BatchNorm frozen
+(ImageNet statistics, the batch is too small). Test: multi-scale + flip, softmax averaged, optional
+dense CRF. The last checkpoint is the result: nothing here selects with ground truth.
+
+Toy world (CPU, about 2 minutes; --masks data/toy/SegmentationClass for the ground-truth upper bound):
+    python train_seg.py --dataset toy --device cpu
+Paper, VOC (one GPU; `torchrun --nproc_per_node 4 train_seg.py ...` for four):
+    python train_seg.py --dataset voc --init data/resnet101-imagenet.pth --masks out/voc/pseudo/masks --crf
+Predict again from the finished checkpoint (e.g. with CRF or other scales):
+    python train_seg.py --dataset voc --eval_only --crf --out out/voc/seg
+
+Writes OUT/checkpoint.pt (every --save_every iterations, resumed from if present; `num_classes` is the
+foreground count K, the network has K+1 outputs), OUT/pred/{id}.png (VOC palette, what eval_miou.py
+scores), OUT/log.txt (one `iter ...` line every --log_every iterations, then `mIoU: xx.xx`), OUT/args.json.
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+from semples import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, build_backbone
+
+PRESETS = common.presets(
+    voc=dict(masks="out/voc/pseudo/masks", out="out/voc/seg", backbone="resnet101", crop=321, batch_size=10,
+             iters=20000, lr=2.5e-4, freeze_bn=True, test_scales="0.5,0.75,1.0,1.25"),
+    coco=dict(masks="out/coco/pseudo/masks", out="out/coco/seg", backbone="resnet101", crop=321, batch_size=10,
+              iters=100000, lr=2.5e-4, freeze_bn=True, test_scales="0.5,0.75,1.0,1.25"),
+    # Toy: random init (no ImageNet weights), so a small ResNet with trainable BN and a higher lr.
+    toy=dict(masks="out/toy/pseudo/masks", out="out/toy/seg", backbone="tiny", crop=64, batch_size=16,
+             iters=300, lr=0.01, freeze_bn=False, test_scales="1.0", save_every=100, log_every=50, workers=1),
+)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_flags(p)
+    p.add_argument("--clip", type=str, default=None, help="unused here (shared preset key)")
+    p.add_argument("--masks", type=str, default=None,
+                   help="training masks: folder of {id}.png class-index PNGs, 255 ignored (pseudo masks, or "
+                        "the ground-truth folder for an upper bound)")
+    p.add_argument("--split", type=str, default="train_aug", help="image list the segmenter trains on")
+    p.add_argument("--eval_split", type=str, default="val", help="image list predicted (and scored) at the end")
+    p.add_argument("--out", type=str, default=None, help="output folder")
+    p.add_argument("--init", type=str, default=None,
+                   help="ImageNet torchvision state-dict file for the backbone (fc dropped); none = random")
+    p.add_argument("--backbone", type=str, default="resnet101", choices=BACKBONES, help="segmenter backbone")
+    p.add_argument("--output_stride", type=int, default=8, help="backbone output stride (8 in DeepLab-v2)")
+    p.add_argument("--aspp_rates", type=str, default="6,12,18,24", help="dilation rates of the ASPP branches")
+    p.add_argument("--freeze_bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep backbone BatchNorm in eval mode with frozen affine (DeepLab-v2 with ImageNet init)")
+    p.add_argument("--crop", type=int, default=321, help="training crop size (square)")
+    p.add_argument("--scale_range", type=str, default="0.5,1.5", help="random rescale range for training")
+    p.add_argument("--batch_size", type=int, default=10, help="images per iteration, summed over GPUs")
+    p.add_argument("--iters", type=int, default=20000, help="training iterations")
+    p.add_argument("--lr", type=float, default=2.5e-4, help="SGD lr of the backbone (poly 0.9 decay)")
+    p.add_argument("--head_lr_mult", type=float, default=10.0,
+                   help="lr multiplier of the ASPP weights (its biases get twice this)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--poly_power", type=float, default=0.9, help="poly lr power")
+    p.add_argument("--save_every", type=int, default=1000, help="checkpoint every N iterations")
+    p.add_argument("--log_every", type=int, default=100, help="log line every N iterations")
+    p.add_argument("--stop_after", type=int, default=0,
+                   help="stop (checkpoint saved) after this many iterations in total, schedule unchanged, "
+                        "as if killed; rerun to continue (for time-limited jobs); 0 = off")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from OUT/checkpoint.pt if present")
+    p.add_argument("--eval_only", action="store_true", help="skip training; predict with --checkpoint")
+    p.add_argument("--checkpoint", type=str, default=None, help="segmenter for --eval_only (default OUT/checkpoint.pt)")
+    p.add_argument("--test_scales", type=str, default="0.5,0.75,1.0,1.25", help="inference scales")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="add flipped inputs at test")
+    p.add_argument("--crf", action="store_true", help="dense CRF on the averaged probabilities (make_pseudo.dense_crf)")
+    return p
+
+
+def floats(text):
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepLab-v2
+# ----------------------------------------------------------------------------------------------
+class DeepLabV2(nn.Module):
+    """Image in [0, 1] -> logits [B, K+1, H/8, W/8]: dilated ResNet, then the sum of four 3x3 atrous convs."""
+
+    def __init__(self, backbone, num_outputs, output_stride=8, rates=(6, 12, 18, 24), freeze_bn=False):
+        super().__init__()
+        self.backbone, channels = build_backbone(backbone, output_stride)
+        self.aspp = nn.ModuleList(nn.Conv2d(channels, num_outputs, 3, padding=r, dilation=r) for r in rates)
+        for conv in self.aspp:  # DeepLab-v2's init of the classifier
+            nn.init.normal_(conv.weight, 0, 0.01)
+            nn.init.zeros_(conv.bias)
+        self.freeze_bn = freeze_bn
+        if freeze_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.freeze_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def forward(self, x):
+        f = self.backbone((x - self.mean) / self.std)
+        return sum(conv(f) for conv in self.aspp)
+
+
+def build_segmenter(a, num_outputs):
+    """The network from an args dict (this run's, or a checkpoint's)."""
+    return DeepLabV2(a["backbone"], num_outputs, a["output_stride"], [int(r) for r in floats(a["aspp_rates"])],
+                     a["freeze_bn"])
+
+
+def load_imagenet(net, path, backbone):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--init {path} not found: pass a torchvision ImageNet state-dict file or nothing")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or "conv1.weight" not in obj:
+        raise ValueError(f"--init {path} is not a torchvision ImageNet state dict (expected keys like 'conv1.weight')")
+    order = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    renamed = {f"{order.index(k.split('.')[0])}.{k.split('.', 1)[1]}": v for k, v in obj.items()
+               if k.split(".")[0] in order}
+    missing, unexpected = net.backbone.load_state_dict(renamed, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"--init {path} does not fit --backbone {backbone}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: (image, mask) crops; every random draw seeded by (seed, iteration, index) so resume is exact
+# ----------------------------------------------------------------------------------------------
+def check_masks(folder, ids):
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--masks folder {folder} not found: run make_pseudo.py first, or point --masks "
+                                "at a folder of {id}.png masks (e.g. the ground truth, for an upper bound)")
+    missing = [i for i in ids if not os.path.exists(os.path.join(folder, f"{i}.png"))]
+    if missing:
+        raise FileNotFoundError(f"--masks {folder} lacks {len(missing)} of {len(ids)} masks, first "
+                                f"{os.path.join(folder, missing[0] + '.png')}")
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """Keys are (index, iteration). Returns float image [3, crop, crop] in [0, 1] and long mask (255 ignore)."""
+
+    def __init__(self, root, split, masks, num_outputs, crop, scale_range, seed):
+        self.root, self.masks, self.K1, self.crop, self.scales, self.seed = root, masks, num_outputs, crop, scale_range, seed
+        self.ids = common.read_ids(root, split)
+        check_masks(masks, self.ids)
+        self.pad = np.array(IMAGENET_MEAN, np.float32) * 255
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, key):
+        n, step = key
+        i = self.ids[n]
+        img = common.read_image(common.image_path(self.root, i))
+        path = os.path.join(self.masks, f"{i}.png")
+        mask = common.read_mask(path)
+        if mask.shape != img.shape[:2]:
+            raise ValueError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]}, its image {img.shape[1]}x{img.shape[0]}")
+        bad = mask[(mask >= self.K1) & (mask != 255)]
+        if bad.size:
+            raise ValueError(f"mask {path} holds class {int(bad.max())}; the dataset has classes 0..{self.K1 - 1} "
+                             "(and 255 = ignore)")
+        rng = np.random.default_rng([self.seed, step, n])
+        s = rng.uniform(*self.scales)
+        h, w = max(1, round(img.shape[0] * s)), max(1, round(img.shape[1] * s))
+        img = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR), np.float32)
+        mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
+        H, W = max(h, self.crop), max(w, self.crop)
+        canvas, target = np.empty((H, W, 3), np.float32), np.full((H, W), 255, np.uint8)
+        canvas[:] = self.pad
+        canvas[:h, :w], target[:h, :w] = img, mask
+        y0, x0 = rng.integers(0, H - self.crop + 1), rng.integers(0, W - self.crop + 1)
+        canvas = canvas[y0:y0 + self.crop, x0:x0 + self.crop]
+        target = target[y0:y0 + self.crop, x0:x0 + self.crop]
+        if rng.random() < 0.5:
+            canvas, target = canvas[:, ::-1], target[:, ::-1]
+        x = torch.from_numpy(canvas.copy()).permute(2, 0, 1) / 255
+        return x, torch.from_numpy(target.astype(np.int64))
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batches of (index, iteration) for iterations start..iters-1: a fresh permutation per pass over the
+    data (seeded by (seed, pass)), the global batch split evenly over processes."""
+
+    def __init__(self, n, batch, start, iters, seed, rank, world):
+        self.n, self.batch, self.start, self.iters, self.seed, self.rank, self.world = n, batch, start, iters, seed, rank, world
+        self.per_pass = n // batch
+
+    def __len__(self):
+        return self.iters - self.start
+
+    def __iter__(self):
+        b = self.batch // self.world
+        for step in range(self.start, self.iters):
+            perm = np.random.default_rng([self.seed, step // self.per_pass]).permutation(self.n)
+            j = (step % self.per_pass) * self.batch + self.rank * b
+            yield [(int(n), step) for n in perm[j:j + b]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference: multi-scale + flip, softmax averaged, optional CRF
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict_probs(net, image, scales, flip, device, amp):
+    """image uint8 HxWx3 -> class probabilities [K+1, H, W] (float32, CPU)."""
+    H, W = image.shape[:2]
+    x = torch.from_numpy(image.copy()).to(device).permute(2, 0, 1)[None].float() / 255
+    total = 0
+    for s in scales:
+        xs = x if s == 1 else F.interpolate(x, size=(max(1, round(H * s)), max(1, round(W * s))),
+                                            mode="bilinear", align_corners=False)
+        batch = torch.cat([xs, xs.flip(-1)]) if flip else xs
+        with common.autocast(device, amp):
+            logits = net(batch)
+        p = F.interpolate(logits.float(), size=(H, W), mode="bilinear", align_corners=False).softmax(1)
+        total = total + p[0] + (p[1].flip(-1) if flip else 0)
+    return (total / (len(scales) * (2 if flip else 1))).cpu()
+
+
+class ImageList(torch.utils.data.Dataset):
+    def __init__(self, root, ids):
+        self.root, self.ids = root, ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, n):
+        return common.read_image(common.image_path(self.root, self.ids[n])), self.ids[n]
+
+
+def evaluate(net, args, names, device, rank, world, log):
+    """Write OUT/pred/{id}.png for the ids of --eval_split (split over processes); score them if the
+    ground truth is there. Returns the mIoU (percent) or None."""
+    import eval_miou
+    crf = None
+    if args.crf:
+        from make_pseudo import dense_crf
+        crf = dense_crf
+    ids = common.read_ids(args.data, args.eval_split)
+    gt_dir = common.mask_dir(args.data)
+    have_gt = all(os.path.exists(os.path.join(gt_dir, f"{i}.png")) for i in ids)
+    K1 = len(names) + 1
+    pred_dir = os.path.join(args.out, "pred")
+    scales = floats(args.test_scales)
+    net.eval()
+    conf = np.zeros((K1, K1), np.int64)
+    loader = torch.utils.data.DataLoader(ImageList(args.data, ids[rank::world]), batch_size=None,
+                                         num_workers=args.workers)
+    t0 = time.time()
+    for image, i in common.progress(loader, f"predict {args.eval_split}", rank == 0):
+        image = np.asarray(image)
+        probs = predict_probs(net, image, scales, args.flip, device, args.amp)
+        if crf is not None:
+            pred = crf(image, probs.numpy())
+        else:
+            pred = probs.argmax(0).numpy()
+        pred = np.asarray(pred, np.uint8)
+        common.save_mask(os.path.join(pred_dir, f"{i}.png"), pred)
+        if have_gt:
+            conf += np.asarray(eval_miou.confusion_matrix(common.read_mask(os.path.join(gt_dir, f"{i}.png")),
+                                                          pred, K1), np.int64)
+    if world > 1:
+        t = torch.from_numpy(conf).to(device if device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        conf = t.cpu().numpy()
+    log(f"predicted {len(ids)} '{args.eval_split}' images -> {pred_dir} (scales {scales}, flip {args.flip}, "
+        f"crf {args.crf}) time {time.time() - t0:.1f}s")
+    if not have_gt:
+        log(f"no ground truth for every '{args.eval_split}' id in {gt_dir}: not scored")
+        return None
+    res = eval_miou.miou_from_confusion(conf)
+    miou, ious = (res if isinstance(res, tuple) else (res, None))
+    miou = float(miou) * (100 if float(miou) <= 1 else 1)
+    if ious is not None:
+        ious = np.asarray(ious, float) * (100 if np.nanmax(ious) <= 1 else 1)
+        log("IoU " + " ".join(f"{n}={v:.1f}" for n, v in zip(["background"] + names, ious)))
+    log(f"mIoU: {miou:.2f}")
+    return miou
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def main(args):
+    device, rank, world = common.setup_device(args.device)
+    common.seed_everything(args.seed)
+    log = common.Logger(args.out, rank)
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    names = common.read_class_names(args.data, args.dataset)
+    K = len(names)
+
+    if args.eval_only:
+        path = args.checkpoint or ckpt_path
+        ckpt = common.load_checkpoint(path, "segmenter", "--checkpoint")
+        if ckpt["num_classes"] != K:
+            raise ValueError(f"--checkpoint {path} was trained for {ckpt['num_classes']} foreground classes "
+                             f"{ckpt['class_names'][:3]}..., the dataset {args.data} has {K} {names[:3]}...")
+        net = build_segmenter(ckpt["args"], K + 1).to(device)
+        net.load_state_dict(ckpt["model"])
+        if not ckpt.get("done"):
+            log(f"warning: {path} is unfinished (iteration {ckpt['iter']}/{ckpt['iters']})")
+        miou = evaluate(net, args, names, device, rank, world, log)
+        common.cleanup_distributed()
+        return miou
+
+    if args.batch_size % world:
+        raise ValueError(f"--batch_size {args.batch_size} does not split over {world} processes")
+    data = SegDataset(args.data, args.split, args.masks, K + 1, args.crop, floats(args.scale_range), args.seed)
+    if len(data) < args.batch_size:
+        raise ValueError(f"--batch_size {args.batch_size} is larger than the {len(data)} images of '{args.split}'")
+    net = build_segmenter(vars(args), K + 1)
+    if args.init:
+        load_imagenet(net, args.init, args.backbone)
+    net = net.to(device)
+    head_w = [c.weight for c in net.aspp]
+    head_b = [c.bias for c in net.aspp]
+    body = [p for p in net.backbone.parameters() if p.requires_grad]
+    mults = [1.0, args.head_lr_mult, 2 * args.head_lr_mult]
+    opt = torch.optim.SGD([{"params": body}, {"params": head_w}, {"params": head_b}], lr=args.lr,
+                          momentum=args.momentum, weight_decay=args.weight_decay)
+
+    start = 0
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = common.load_checkpoint(ckpt_path, "segmenter", "--out")
+        if ckpt["num_classes"] != K:
+            raise ValueError(f"{ckpt_path} has {ckpt['num_classes']} classes, the dataset {K}; use a new --out")
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start = ckpt["iter"]
+        log(f"resumed from {ckpt_path} at iteration {start}/{args.iters}")
+    elif rank == 0:
+        common.save_args(args, args.out)
+    model = net
+    if world > 1:
+        if device.type == "cuda" and not args.freeze_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save(it):
+        if rank == 0:
+            common.save_checkpoint({"kind": "segmenter", "model": net.state_dict(), "optimizer": opt.state_dict(),
+                                    "iter": it, "iters": args.iters, "done": it == args.iters, "num_classes": K,
+                                    "class_names": names, "args": vars(args)}, ckpt_path)
+
+    end = min(args.iters, args.stop_after) if args.stop_after else args.iters
+    loader = torch.utils.data.DataLoader(
+        data, batch_sampler=StepBatches(len(data), args.batch_size, start, end, args.seed, rank, world),
+        num_workers=args.workers, pin_memory=device.type == "cuda")
+    model.train()
+    loss_sum, n_sum, t0 = 0.0, 0, time.time()
+    it = start
+    for it, (x, target) in enumerate(common.progress(loader, "train", rank == 0, total=end - start), start + 1):
+        for g, m in zip(opt.param_groups, mults):
+            g["lr"] = args.lr * m * (1 - (it - 1) / args.iters) ** args.poly_power
+        x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        # ---------------- algorithm logic ----------------
+        with common.autocast(device, args.amp):
+            logits = model(x)
+        logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits, target, ignore_index=255)
+        # --------------------------------------------------
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at iteration {it}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum, n_sum = loss_sum + loss.item(), n_sum + 1
+        if it % args.log_every == 0 or it == end:
+            log(f"iter {it}/{args.iters} loss {common.all_reduce_mean(loss_sum / n_sum, world):.4f} "
+                f"lr {opt.param_groups[0]['lr']:.2e} time {time.time() - t0:.1f}s")
+            loss_sum, n_sum = 0.0, 0
+        if it % args.save_every == 0 or it == end:
+            save(it)
+    if end < args.iters:
+        log(f"stopped at iteration {end}/{args.iters} (--stop_after); rerun to continue")
+        common.cleanup_distributed()
+        return None
+    log(f"done: {ckpt_path}")
+    miou = evaluate(net, args, names, device, rank, world, log)
+    common.cleanup_distributed()
+    return miou
+
+
+if __name__ == "__main__":
+    main(common.parse_args(build_parser(), PRESETS))
