@@ -41,7 +41,7 @@ CLIP_CONFIG = dict(embed_dim=128, image_resolution=64, vision_layers=4, vision_w
                    transformer_layers=3)
 STYLE = {  # part -> (base RGB, texture); parts are drawn in the order _shape lists them
     "boat": {"sail": ((240, 238, 230), "plain"), "mast": ((70, 50, 35), "plain"), "hull": ((165, 35, 30), "planks")},
-    "plane": {"wing": ((170, 176, 188), "metal"), "body": ((218, 221, 228), "metal")},
+    "plane": {"wing": ((170, 176, 188), "metal"), "tail": ((200, 30, 40), "plain"), "body": ((218, 221, 228), "metal")},
     "car": {"body": ((30, 70, 205), "metal"), "glass": ((160, 200, 225), "plain"),
             "tyre": ((25, 25, 25), "plain"), "hub": ((175, 175, 180), "plain")},
     "train": {"body": ((235, 125, 25), "plain"), "stripe": ((250, 235, 200), "plain"),
@@ -94,7 +94,8 @@ def _shape(name, rng):
         w = r(0.8, 1.0)
         wing = np.array([[0.2, 0], [-0.25, -w], [-0.45, -w], [-0.25, 0]])
         tail = np.array([[-0.7, 0], [-0.92, -0.35], [-1.0, -0.35], [-0.92, 0]])
-        return [("wing", p * s) for p in (wing, tail) for s in ((1, 1), (1, -1))] + [("body", _ell(0, 0, 1, 0.13))]
+        return [(part, p * s) for part, p in (("wing", wing), ("tail", tail)) for s in ((1, 1), (1, -1))] + \
+               [("body", _ell(0, 0, 1, 0.13))]
     if name == "car":
         return [("body", np.array([[-0.55, -0.1], [0.4, -0.1], [0.2, -0.5], [-0.4, -0.5]])),
                 ("body", np.array([[-1, -0.05], [0.75, -0.1], [1, 0.05], [1, 0.35], [-1, 0.35]])),
@@ -137,7 +138,7 @@ def _part_colour(style, base, u, v, rng):
     elif style == "fabric":
         f = (1 + 0.08 * np.sin(40 * u) * np.sin(40 * v)) * (1 - 0.3 * ((u * 2.5 + 0.5) % 1 < 0.05))
     elif style == "blotch":
-        return _mix(base, (25, 25, 25), _smooth(rng, 5, U, V) > 0.6)
+        return _mix(base, (25, 25, 25), _smooth(rng, 6, U, V) > 0.4)
     elif style == "fur":
         f = 0.85 + 0.3 * _smooth(rng, 8, U, V)
     elif style == "feather":
@@ -242,8 +243,8 @@ def make_image(rng, S, cooccur=0.8, multi=0.25):
         home = HOME[NAMES[c]]
         bg_of[c] = home if rng.random() < cooccur else str(rng.choice([b for b in BACKGROUNDS if b != home]))
     need = sorted(set(bg_of.values()), key=BACKGROUNDS.index)
-    if len(need) == 1 and rng.random() < 0.35:  # a second, neutral region (never a present class's home)
-        need.append(str(rng.choice([b for b in BACKGROUNDS if b not in need and b not in {HOME[NAMES[c]] for c in classes}])))
+    if len(need) == 1 and rng.random() < 0.35:  # a second region, from the neutral backgrounds (nobody's home)
+        need.append(str(rng.choice([b for b in BACKGROUNDS if b not in need and b not in HOME.values()])))
     bgs, R, rows, X, Y = _regions(rng, S, need)
     img = np.zeros((S, S, 3))
     for i, b in enumerate(bgs):
@@ -387,9 +388,9 @@ def _to_clip(x, res):
 
 
 def _random_crops(x, res, g):
-    """Random-resized crops (area 50-100%, aspect 3/4-4/3) and horizontal flips, uint8 in, normalised out."""
+    """Random-resized crops (area 60-100%, aspect 3/4-4/3) and horizontal flips, uint8 in, normalised out."""
     B, S = x.shape[0], x.shape[-1]
-    area, ratio = 0.5 + 0.5 * torch.rand(B, generator=g), torch.exp((torch.rand(B, generator=g) - 0.5) * 0.575)
+    area, ratio = 0.6 + 0.4 * torch.rand(B, generator=g), torch.exp((torch.rand(B, generator=g) - 0.5) * 0.575)
     w, h = (S * torch.sqrt(area * ratio)).clamp(max=S), (S * torch.sqrt(area / ratio)).clamp(max=S)
     x0, y0 = torch.rand(B, generator=g) * (S - w), torch.rand(B, generator=g) * (S - h)
     boxes = torch.stack([torch.arange(B).float(), x0, y0, x0 + w, y0 + h], 1)
@@ -464,8 +465,16 @@ def pretrain_clip(root, out_path, steps=1500, batch_size=128, lr=1e-3, bg_captio
     pool = torch.stack([torch.from_numpy(background_image(np.random.default_rng([seed, 2, c, i]), S, HOME[n])).permute(2, 0, 1)
                         for c, n in enumerate(NAMES) for i in range(bg_pool)])
     pool_cls = torch.arange(len(NAMES)).repeat_interleave(bg_pool)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    # Only the caption words' rows of the 49408-row token embedding ever get a gradient: train those rows
+    # as a small parameter (AdamW over the full table would cost more than the model) and write them back.
+    vocab = sorted({t for c in NAMES for tm in TEMPLATES for t in clip.tokenize(caption([c, c], tm), 64)[0].tolist()})
+    remap = torch.zeros(config["vocab_size"], dtype=torch.long)
+    remap[vocab] = torch.arange(len(vocab))
+    rows = torch.nn.Parameter(model.token_embedding.weight.detach()[vocab].clone())
+    model.token_embedding.weight.requires_grad_(False)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + [("rows", rows)]
+    decay = [p for n, p in named if p.ndim >= 2 and n != "rows" and "embedding" not in n]
+    rest = [p for n, p in named if not (p.ndim >= 2 and n != "rows" and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
     n_bg = int(round(batch_size * bg_caption_frac))
@@ -486,8 +495,11 @@ def pretrain_clip(root, out_path, steps=1500, batch_size=128, lr=1e-3, bg_captio
         for c in uniq:
             if c not in tok_cache:
                 tok_cache[c] = clip.tokenize([c], context_length=config["context_length"])[0]
+        tok = torch.stack([tok_cache[c] for c in uniq])
+        eot = tok.argmax(-1)
+        tok = tok[:, : int(eot.max()) + 1]  # causal text encoder: the padding after EOT changes nothing
         vi = F.normalize(model.encode_image(imgs), dim=-1)
-        ut = F.normalize(model.encode_text(torch.stack([tok_cache[c] for c in uniq])), dim=-1)
+        ut = F.normalize(model.encode_token_embeddings(rows[remap[tok]], eot), dim=-1)
         logits = model.logit_scale.exp() * vi @ ut.T  # [B, unique captions]
         pos = (cap_idx[None, :] == torch.arange(len(uniq))[:, None]).float()  # [U, B]
         loss = (F.cross_entropy(logits, cap_idx) + F.cross_entropy(logits.T, pos / pos.sum(1, keepdim=True))) / 2
@@ -496,10 +508,13 @@ def pretrain_clip(root, out_path, steps=1500, batch_size=128, lr=1e-3, bg_captio
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        history.append(float(loss))
+        history.append(loss.item())
         if not quiet and log_every and (step % log_every == 0 or step == steps - 1):
             print(f"clip step {step:5d}/{steps} loss {loss.item():.4f} scale {model.logit_scale.exp().item():.1f} "
                   f"{time.time() - t0:.0f}s", flush=True)
+    with torch.no_grad():
+        model.token_embedding.weight[vocab] = rows
+    model.token_embedding.weight.requires_grad_(True)
     meta = {**want, "class_names": NAMES, "seed": seed, "templates": TEMPLATES, "template": TEMPLATES[0],
             "home": HOME, "train_seconds": time.time() - t0, "final_loss": history[-1], "loss_history": history[::10]}
     if evaluate:
@@ -534,7 +549,8 @@ def print_clip(meta):
 
 
 def main(args):
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.time()
     meta = generate_dataset(args.out, args.n_train, args.n_val, args.n_train_subset, args.size, args.seed,
                             args.cooccur, args.multi, force=args.force)

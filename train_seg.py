@@ -248,7 +248,7 @@ class ImageList(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, n):
-        return common.read_image(common.image_path(self.root, self.ids[n])), self.ids[n]
+        return torch.from_numpy(common.read_image(common.image_path(self.root, self.ids[n])).copy()), self.ids[n]
 
 
 def evaluate(net, args, names, device, rank, world, log):
@@ -260,7 +260,7 @@ def evaluate(net, args, names, device, rank, world, log):
         from make_pseudo import dense_crf
         crf = dense_crf
     ids = common.read_ids(args.data, args.eval_split)
-    gt_dir = common.mask_dir(args.data)
+    gt_dir = eval_miou.default_gt_dir(args.data, ids)  # the one eval_miou.py scores against
     have_gt = all(os.path.exists(os.path.join(gt_dir, f"{i}.png")) for i in ids)
     K1 = len(names) + 1
     pred_dir = os.path.join(args.out, "pred")
@@ -271,17 +271,17 @@ def evaluate(net, args, names, device, rank, world, log):
                                          num_workers=args.workers)
     t0 = time.time()
     for image, i in common.progress(loader, f"predict {args.eval_split}", rank == 0):
-        image = np.asarray(image)
+        image = image.numpy()
         probs = predict_probs(net, image, scales, args.flip, device, args.amp)
         if crf is not None:
-            pred = crf(image, probs.numpy())
+            pred = crf(image, probs.numpy())  # probability unaries (-log p)
         else:
             pred = probs.argmax(0).numpy()
         pred = np.asarray(pred, np.uint8)
         common.save_mask(os.path.join(pred_dir, f"{i}.png"), pred)
         if have_gt:
-            conf += np.asarray(eval_miou.confusion_matrix(common.read_mask(os.path.join(gt_dir, f"{i}.png")),
-                                                          pred, K1), np.int64)
+            gt_path = os.path.join(gt_dir, f"{i}.png")
+            conf += eval_miou.confusion_matrix(common.read_mask(gt_path), pred, K1, where=gt_path)
     if world > 1:
         t = torch.from_numpy(conf).to(device if device.type == "cuda" else "cpu")
         dist.all_reduce(t)
@@ -291,12 +291,9 @@ def evaluate(net, args, names, device, rank, world, log):
     if not have_gt:
         log(f"no ground truth for every '{args.eval_split}' id in {gt_dir}: not scored")
         return None
-    res = eval_miou.miou_from_confusion(conf)
-    miou, ious = (res if isinstance(res, tuple) else (res, None))
-    miou = float(miou) * (100 if float(miou) <= 1 else 1)
-    if ious is not None:
-        ious = np.asarray(ious, float) * (100 if np.nanmax(ious) <= 1 else 1)
-        log("IoU " + " ".join(f"{n}={v:.1f}" for n, v in zip(["background"] + names, ious)))
+    miou, ious = eval_miou.miou_from_confusion(conf)  # fractions; nan = class absent from gt and pred
+    log("IoU " + " ".join(f"{n}={'n/a' if np.isnan(v) else f'{100 * v:.1f}'}" for n, v in zip(["background"] + names, ious)))
+    miou = 100 * miou
     log(f"mIoU: {miou:.2f}")
     return miou
 

@@ -2,6 +2,7 @@
 import hashlib
 import os
 import pickle
+import shutil
 import urllib.request
 import warnings
 import zipfile
@@ -11,8 +12,6 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Norma
 
 from .model import build_model, convert_weights
 from .simple_tokenizer import SimpleTokenizer
-
-__all__ = ["available_models", "load", "tokenize", "MEAN", "STD"]
 
 # Per-channel RGB statistics of OpenAI's training images; every CLIP checkpoint expects them.
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -39,20 +38,20 @@ def available_models():
 
 
 def _sha256(path):
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _download(url, path, timeout=10):
     """Fetch `url` to `path` via a temporary file, so an interrupted download never looks complete."""
     tmp = path + ".part"
-    with urllib.request.urlopen(url, timeout=timeout) as src, open(tmp, "wb") as dst:
-        for chunk in iter(lambda: src.read(1 << 20), b""):
-            dst.write(chunk)
-    os.replace(tmp, path)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _model_file(name, download_root=None):
@@ -99,13 +98,20 @@ def _read_checkpoint(path):
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         meta = {k: v for k, v in obj.items() if k != "state_dict"}
         obj = obj["state_dict"]
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict or {{'state_dict': ...}}, got {type(obj).__name__}")
     if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj, meta
+
+
+def _saved_heads(meta):
+    """Text heads from a saved constructor config (top level, "config", or "meta"/"config"), else None."""
+    inner = meta.get("meta") if isinstance(meta.get("meta"), dict) else {}
+    for d in (meta, meta.get("config"), inner, inner.get("config")):
+        if isinstance(d, dict) and "transformer_heads" in d:
+            return int(d["transformer_heads"])
+    return None
 
 
 def _to_rgb(image):
@@ -122,7 +128,9 @@ def load(name_or_path, device=None, jit=False, download_root=None):
 
     name_or_path: a name from `available_models()` (looked up in `download_root`, else $CLIP_CACHE_DIR,
         else ~/.cache/clip; downloaded if absent), or a path to an OpenAI TorchScript archive, a
-        state dict saved with torch.save, or a dict {"state_dict": sd, **meta} (meta becomes `model.meta`).
+        state dict saved with torch.save, or a dict {"state_dict": sd, **meta} (meta becomes `model.meta`,
+        {} otherwise; a "transformer_heads" entry in meta, meta["config"] or meta["meta"]["config"] sets
+        the text heads, which shapes cannot tell; else width // 64 as in all OpenAI models).
     device: defaults to "cuda" if available. On CUDA the weights are fp16 as in OpenAI's release, else fp32.
     jit: only False is supported; we always build the eager model (TorchScript files are still accepted).
     Returns (model in eval mode, preprocess: PIL image -> normalised [3, n_px, n_px] tensor).
@@ -140,7 +148,7 @@ def load(name_or_path, device=None, jit=False, download_root=None):
                                 f"available models: {available_models()}")
     state_dict, meta = _read_checkpoint(path)
     try:
-        model = build_model(state_dict, transformer_heads=meta.get("transformer_heads"))
+        model = build_model(state_dict, transformer_heads=_saved_heads(meta))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     model.meta = meta

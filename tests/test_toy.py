@@ -1,0 +1,141 @@
+"""The toy world: deterministic VOC-layout data with a measurable co-occurrence bias, and a tiny CLIP."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import clip
+import common
+import make_toy
+
+SPLITS = ("train_aug", "train", "val")
+SMALL = dict(n_train=10, n_val=4, n_train_subset=5, size=48, cooccur=0.8, multi=0.25, quiet=True)
+
+
+def _bytes(root, rel):
+    with open(os.path.join(root, rel), "rb") as f:
+        return f.read()
+
+
+def test_generator_is_deterministic(tmp_path):
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    make_toy.generate_dataset(a, seed=3, **SMALL)
+    make_toy.generate_dataset(b, seed=3, **SMALL)
+    make_toy.generate_dataset(c, seed=4, **SMALL)
+    files = ["JPEGImages/toy_000000.jpg", "SegmentationClass/toy_000000.png", "JPEGImages/toy_000012.jpg",
+             "SegmentationClass/toy_000013.png", "ImageSets/Segmentation/train.txt", "cls_labels.json",
+             "class_names.txt"]
+    for rel in files:
+        assert _bytes(a, rel) == _bytes(b, rel), rel
+    assert _bytes(a, files[0]) != _bytes(c, files[0])
+    assert _bytes(a, files[1]) != _bytes(c, files[1])
+
+
+def test_layout_matches_the_reader(toy_world):
+    root, K = toy_world["root"], toy_world["num_classes"]
+    assert 6 <= K <= 10 and common.read_class_names(root) == toy_world["class_names"] == make_toy.NAMES
+    ids = {s: common.read_ids(root, s) for s in SPLITS}
+    assert len(ids["train_aug"]) == 64 and len(ids["val"]) == 32
+    assert ids["train"] == ids["train_aug"][:32]
+    assert not set(ids["val"]) & set(ids["train_aug"])
+    for s in SPLITS:
+        y = common.load_labels(root, ids[s], K)
+        assert y.shape == (len(ids[s]), K) and y.dtype == np.float32
+        assert (y.sum(1) >= 1).all(), f"an image of {s} has no label"
+    for i in ids["val"][:4]:
+        img = common.read_image(common.image_path(root, i))
+        mask = common.read_mask(os.path.join(common.mask_dir(root), f"{i}.png"))
+        assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+        assert mask.shape == (64, 64) and mask.dtype == np.uint8
+        assert set(np.unique(mask).tolist()) <= set(range(K + 1)) | {255}
+
+
+def test_masks_labels_and_meta_agree(toy_world):
+    root, meta = toy_world["root"], toy_world["meta"]
+    with open(os.path.join(root, "cls_labels.json")) as f:
+        labels = json.load(f)
+    assert set(labels) == set(meta["images"])
+    for i, info in meta["images"].items():
+        mask = common.read_mask(os.path.join(root, "SegmentationClass", f"{i}.png"))
+        in_mask = sorted(int(v) for v in np.unique(mask) if v not in (0, 255))
+        drawn = sorted({make_toy.NAMES.index(o["cls"]) + 1 for o in info["objects"]})
+        assert labels[i] == in_mask == drawn, i
+        assert 1 <= len(info["objects"]) <= 3 and len(drawn) <= 2
+
+
+def test_ignore_band_separates_objects_from_background(toy_world):
+    root = toy_world["root"]
+    for i in common.read_ids(root, "train_aug")[:20]:
+        m = common.read_mask(os.path.join(root, "SegmentationClass", f"{i}.png")).astype(int)
+        band = m == 255
+        assert 0 < band.mean() < 0.3
+        p = np.pad(m, 1, constant_values=255)
+        for dy in range(3):  # no labelled pixel touches another label without the band in between
+            for dx in range(3):
+                n = p[dy:dy + m.shape[0], dx:dx + m.shape[1]]
+                assert not ((n != m) & (n != 255) & ~band).any(), i
+        assert ((m > 0) & ~band).any()
+
+
+def test_cooccurrence_matches_the_flag(toy_world):
+    objs = [o for info in toy_world["meta"]["images"].values() for o in info["objects"]]
+    rate = np.mean([o["surround"] == make_toy.HOME[o["cls"]] for o in objs])
+    assert abs(rate - 0.8) < 0.12, rate
+    for flag in (0.3, 0.95):  # more images, not written to disk
+        objs = [o for i in range(200) for o in make_toy.make_image(np.random.default_rng([7, i]), 48, flag)[2]["objects"]]
+        rate = np.mean([o["surround"] == make_toy.HOME[o["cls"]] for o in objs])
+        assert abs(rate - flag) < 0.08, (flag, rate)
+
+
+def test_skip_when_done(toy_world):
+    root = toy_world["root"]
+    path = os.path.join(root, "JPEGImages", "toy_000000.jpg")
+    before = os.stat(path).st_mtime_ns, os.stat(toy_world["clip"]).st_mtime_ns
+    from conftest import TOY_CLIP, TOY_WORLD
+    assert make_toy.generate_dataset(root, quiet=True, **TOY_WORLD)["complete"]
+    assert make_toy.pretrain_clip(root, toy_world["clip"], quiet=True, **TOY_CLIP)["config"] == make_toy.CLIP_CONFIG
+    assert (os.stat(path).st_mtime_ns, os.stat(toy_world["clip"]).st_mtime_ns) == before
+
+
+def test_tiny_clip_loads_and_encodes(toy_world):
+    model, preprocess = clip.load(toy_world["clip"], device="cpu")
+    meta = model.meta.get("meta", model.meta)
+    assert meta["class_names"] == toy_world["class_names"] and meta["config"] == make_toy.CLIP_CONFIG
+    assert model.context_length == 40 and model.visual.input_resolution == 64
+    root = toy_world["root"]
+    from PIL import Image
+    img = Image.open(common.image_path(root, common.read_ids(root, "val")[0]))
+    with torch.no_grad():
+        v = model.encode_image(preprocess(img)[None])
+        u = model.encode_text(clip.tokenize([t.format(n) for n in meta["class_names"] for t in make_toy.TEMPLATES],
+                                            context_length=model.context_length))
+    assert v.shape == (1, 128) and u.shape == (2 * toy_world["num_classes"], 128)
+    assert torch.isfinite(v).all() and torch.isfinite(u).all()
+    # a 30-token learned prompt fits the context: [SOT] a photo of <30> . [EOT]
+    assert len(clip.tokenize(["a photo of" + " x" * 30 + "."], context_length=40)[0].nonzero()) <= 40
+    assert 0 <= meta["eval"]["template0"]["zero_shot_acc"] <= 1
+
+
+def test_short_pretraining_lowers_the_loss(toy_world):
+    h = toy_world["clip_meta"]["loss_history"]
+    assert len(h) == 30 and all(np.isfinite(h))
+    assert np.mean(h[-5:]) < h[0] - 0.1, (h[0], h[-5:])
+
+
+def test_pretraining_is_deterministic(toy_world, tmp_path):
+    run = lambda p: make_toy.pretrain_clip(toy_world["root"], str(tmp_path / p), steps=3, batch_size=16, bg_pool=2,  # noqa: E731
+                                           evaluate=False, quiet=True)["loss_history"]
+    assert np.allclose(run("a.pt"), run("b.pt"), rtol=0, atol=1e-5)
+
+
+def test_main_end_to_end(tmp_path, capsys):
+    out = str(tmp_path / "toy")
+    make_toy.main(make_toy.get_parser().parse_args(
+        ["--out", out, "--n_train", "16", "--n_val", "8", "--n_train_subset", "8", "--size", "48",
+         "--clip_steps", "2", "--clip_batch", "16"]))
+    text = capsys.readouterr().out
+    assert "co-occurrence" in text and "zero-shot acc" in text
+    assert os.path.exists(os.path.join(out, "tiny_clip.pt"))
+    assert json.load(open(os.path.join(out, "toy_meta.json")))["complete"]
