@@ -33,8 +33,10 @@ from semples import (L_prompt, Prompts, class_text_features, encode_images, load
 PRESETS = common.presets(
     voc=dict(lambda_T=0.02, match="out/voc/match/checkpoint.pt", out="out/voc/prompt", size=448, clip_res=224),
     coco=dict(lambda_T=0.01, match="out/coco/match/checkpoint.pt", out="out/coco/prompt", size=448, clip_res=224),
+    # Toy: 8 tokens, because the tiny CLIP's captions are short: its positional embeddings past ~15
+    # tokens never trained, and the EOT feature must sit where they did.
     toy=dict(lambda_T=0.02, match="out/toy/match/checkpoint.pt", out="out/toy/prompt", size=96, clip_res=64,
-             epochs=30, workers=1),
+             epochs=30, prompt_length=8, workers=1),
 )
 
 
