@@ -66,18 +66,21 @@ INIT_FLAG=(); [ -n "$INIT" ] && INIT_FLAG=(--init "$INIT")
 SEG_INIT_FLAG=(); [ -n "$SEG_INIT" ] && SEG_INIT_FLAG=(--init "$SEG_INIT")
 
 step match "${TRAIN[@]}" train_match.py "${COMMON[@]}" --clip "$CLIP" --out "$OUT/match" "${INIT_FLAG[@]}" ${MATCH_ARGS:-}
-# Stage (a) alone, scored on the train list: the baseline SemPLeS should improve on.
+# Baselines, scored on the train list: the CAM network matching starts from (init.pt), and stage (a) alone.
+step pseudo_init "$PY" make_pseudo.py "${COMMON[@]}" --checkpoint "$OUT/match/init.pt" --split train \
+  --out "$OUT/pseudo_init" ${PSEUDO_ARGS:-}
 step pseudo_a "$PY" make_pseudo.py "${COMMON[@]}" --checkpoint "$OUT/match/checkpoint.pt" --split train \
   --out "$OUT/pseudo_a" ${PSEUDO_ARGS:-}
 evaluate() {  # evaluate DIR: seeds (threshold sweep over the saved CAMs) and pseudo masks on the train list
-  "$PY" eval_miou.py "${COMMON[@]}" --split train --cams "$1/cams" > "$1/seed_eval.txt"
+  "$PY" eval_miou.py "${COMMON[@]}" --split train --cams "$1/cams" --t_start 0.10 --t_end 0.90 > "$1/seed_eval.txt"
   "$PY" eval_miou.py "${COMMON[@]}" --split train --pred "$1/masks" > "$1/mask_eval.txt"
 }
+evaluate "$OUT/pseudo_init"
 evaluate "$OUT/pseudo_a"
 step prompt "${TRAIN[@]}" train_prompt.py "${COMMON[@]}" --clip "$CLIP" --match "$OUT/match/checkpoint.pt" \
   --out "$OUT/prompt" ${PROMPT_ARGS:-}
 step refine "${TRAIN[@]}" train_refine.py "${COMMON[@]}" --clip "$CLIP" --init "$OUT/match/init.pt" \
-  --prompts "$OUT/prompt/prompts.pt" --out "$OUT/refine" ${MATCH_ARGS:-} ${REFINE_ARGS:-}
+  --prompts "$OUT/prompt/prompts.pt" --out "$OUT/refine" ${REFINE_ARGS:-}
 step pseudo "$PY" make_pseudo.py "${COMMON[@]}" --checkpoint "$OUT/refine/checkpoint.pt" --split train_aug \
   --out "$OUT/pseudo" ${PSEUDO_ARGS:-}
 evaluate "$OUT/pseudo"
@@ -88,6 +91,8 @@ step seg "${TRAIN[@]}" train_seg.py "${COMMON[@]}" --masks "$OUT/pseudo/masks" -
 
 printf '\nSemPLeS on %s (mIoU %%; seeds: best background threshold of the sweep, as papers report them)\n' "$DATASET"
 printf '%-34s %16s %18s\n' "" "seed (CAM), train" "pseudo mask, train"
+printf '%-34s %10s t=%-4s %18s\n' "CAM network before matching" "$(miou "$OUT/pseudo_init/seed_eval.txt")" \
+  "$(best_t "$OUT/pseudo_init/seed_eval.txt")" "$(miou "$OUT/pseudo_init/mask_eval.txt")"
 printf '%-34s %10s t=%-4s %18s\n' "stage (a) only: L_match" "$(miou "$OUT/pseudo_a/seed_eval.txt")" \
   "$(best_t "$OUT/pseudo_a/seed_eval.txt")" "$(miou "$OUT/pseudo_a/mask_eval.txt")"
 printf '%-34s %10s t=%-4s %18s\n' "SemPLeS (a)+(b)+(c)" "$(miou "$OUT/pseudo/seed_eval.txt")" \

@@ -62,8 +62,9 @@ def build_backbone(name, output_stride):
 
 
 class MaskGenerator(nn.Module):
-    """S: image in [0, 1] -> class activation maps [B, K, h, w] (logits). The soft masks M = sigmoid(CAM)
-    lie in [0, 1]; the pooled class scores (global average of the CAMs, equal to a linear classifier on
+    """S: image in [0, 1] -> class activation maps [B, K, h, w] (logits). The soft masks M in [0, 1] are
+    the CAMs min-max normalised per map (masked_pairs; as the authors' release, and not a sigmoid, which
+    saturates once classification has made the logits large); the pooled class scores (global average of the CAMs, equal to a linear classifier on
     pooled features) feed the optional classification loss that makes S a CAM network in the first place.
     """
 
@@ -147,18 +148,18 @@ def encode_images(model, x):
     return F.normalize(model.encode_image((x - mean) / std).float(), dim=-1)
 
 
-def masked_pairs(images, masks, labels, resolution):
-    """One CLIP sample per (image, present class) pair: the class's soft mask resized (bilinear) to the
-    CLIP input, min-max normalised per map, applied to the image as foreground and background.
-    Returns (X^f [P,3,r,r], X^b [P,3,r,r], class index k [P], image index b [P])."""
+def masked_pairs(images, cams, labels, resolution):
+    """One CLIP sample per (image, present class) pair: the class's CAM resized (bilinear) to the CLIP
+    input and min-max normalised per map is the soft mask M, applied to the image as foreground and
+    background. Returns (X^f [P,3,r,r], X^b [P,3,r,r], class index k [P], image index b [P], M [P,1,r,r])."""
     b, k = labels.nonzero(as_tuple=True)
-    m = F.interpolate(masks[b, k].unsqueeze(1).float(), size=(resolution, resolution), mode="bilinear",
+    m = F.interpolate(cams[b, k].unsqueeze(1).float(), size=(resolution, resolution), mode="bilinear",
                       align_corners=False)
     lo = m.amin(dim=(2, 3), keepdim=True)
     hi = m.amax(dim=(2, 3), keepdim=True)
     m = (m - lo) / (hi - lo + 1e-5)
     x = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)[b]
-    return m * x, (1 - m) * x, k, b
+    return m * x, (1 - m) * x, k, b, m
 
 
 def sim(a, b):

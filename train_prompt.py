@@ -83,7 +83,7 @@ def background_cache(args, S, clip_model, K, device, log, rank=0):
     for x, y, _ in common.progress(loader, "caching v^b"):
         x, y = x.to(device), y.to(device)
         with common.autocast(device, args.amp):
-            _, X_b, k, _ = masked_pairs(x, torch.sigmoid(S(x).float()), y, args.clip_res)
+            _, X_b, k, _, _ = masked_pairs(x, S(x), y, args.clip_res)
             v_b.append(encode_images(clip_model, X_b).float().cpu())
         ks.append(k.cpu())
     v_b, ks = torch.cat(v_b), torch.cat(ks)

@@ -55,10 +55,11 @@ def test_masked_pairs_one_sample_per_present_class():
     images = torch.rand(2, 3, 8, 8)
     masks = torch.rand(2, 3, 4, 4)
     labels = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
-    X_f, X_b, k, b = masked_pairs(images, masks, labels, resolution=8)
+    X_f, X_b, k, b, M = masked_pairs(images, masks, labels, resolution=8)
     assert k.tolist() == [0, 2, 1] and b.tolist() == [0, 0, 1]
     m = F.interpolate(masks[1:2, 1:2], size=(8, 8), mode="bilinear", align_corners=False)
     m = (m - m.min()) / (m.max() - m.min() + 1e-5)  # min-max per map
+    assert torch.allclose(M[2], m[0], atol=1e-6)
     assert torch.allclose(X_f[2], (m * images[1])[0], atol=1e-6)
     assert torch.allclose(X_b[2], ((1 - m) * images[1])[0], atol=1e-6)
     assert torch.allclose(X_f + X_b, images[b], atol=1e-6)
