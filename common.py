@@ -222,6 +222,19 @@ class ClsDataset(torch.utils.data.Dataset):
         return x, torch.from_numpy(self.labels[n]), n
 
 
+class ImageList(torch.utils.data.Dataset):
+    """Images as they are on disk (uint8 HxWx3 tensors, any size) with their list index, for inference."""
+
+    def __init__(self, root, ids):
+        self.root, self.ids = root, ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, n):
+        return torch.from_numpy(read_image(image_path(self.root, self.ids[n])).copy()), n
+
+
 # ----------------------------------------------------------------------------------------------
 # Seeding, device, torchrun
 # ----------------------------------------------------------------------------------------------

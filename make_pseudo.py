@@ -174,17 +174,6 @@ def load_cams(path):
     return cams.reshape(len(classes), *size).numpy(), classes
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, root, ids):
-        self.root, self.ids = root, ids
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, n):
-        return torch.from_numpy(common.read_image(common.image_path(self.root, self.ids[n])).copy()), n
-
-
 def _size_batches(root, ids, todo, batch_size):
     """Batches of indices into `ids` whose images share one size (headers only are read)."""
     if batch_size == 1:
@@ -260,7 +249,7 @@ def compute_cams(args, ids, cam_dir, log):
     y = torch.from_numpy(common.load_labels(args.data, ids, len(names), require_nonempty=False))
     log(f"cams: {len(todo)} of {len(ids)} images to compute ({len(ids) - len(todo)} exist) with "
         f"{args.checkpoint} (epoch {ckpt.get('epoch')}), scales {args.scales}, size {size}, on {device}")
-    loader = torch.utils.data.DataLoader(_Images(args.data, ids), batch_sampler=_size_batches(
+    loader = torch.utils.data.DataLoader(common.ImageList(args.data, ids), batch_sampler=_size_batches(
         args.data, ids, todo, args.batch_size), num_workers=args.workers, pin_memory=device.type == "cuda")
     t0, nbytes, pending = time.time(), 0, []
     with concurrent.futures.ThreadPoolExecutor(max(1, args.workers)) as saver:  # zlib frees the GIL

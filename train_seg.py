@@ -247,17 +247,6 @@ def predict_probs(net, image, scales, flip, device, amp):
     return (total / (len(scales) * (2 if flip else 1))).cpu()
 
 
-class ImageList(torch.utils.data.Dataset):
-    def __init__(self, root, ids):
-        self.root, self.ids = root, ids
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, n):
-        return torch.from_numpy(common.read_image(common.image_path(self.root, self.ids[n])).copy()), self.ids[n]
-
-
 def evaluate(net, args, names, device, rank, world, log):
     """Write OUT/pred/{id}.png for the ids of --eval_split (split over processes); score them if the
     ground truth is there. Returns the mIoU (percent) or None."""
@@ -274,11 +263,12 @@ def evaluate(net, args, names, device, rank, world, log):
     scales = floats(args.test_scales)
     net.eval()
     conf = np.zeros((K1, K1), np.int64)
-    loader = torch.utils.data.DataLoader(ImageList(args.data, ids[rank::world]), batch_size=None,
+    mine = ids[rank::world]
+    loader = torch.utils.data.DataLoader(common.ImageList(args.data, mine), batch_size=None,
                                          num_workers=args.workers)
     t0 = time.time()
-    for image, i in common.progress(loader, f"predict {args.eval_split}", rank == 0):
-        image = image.numpy()
+    for image, n in common.progress(loader, f"predict {args.eval_split}", rank == 0):
+        image, i = image.numpy(), mine[n]
         probs = predict_probs(net, image, scales, args.flip, device, args.amp)
         if crf is not None:
             pred = crf(image, probs.numpy(), **SEG_CRF)  # probability unaries (-log p)
