@@ -15,8 +15,6 @@ Paper, VOC:
 
 Writes OUT/checkpoint.pt (resumed from if present), OUT/log.txt, OUT/args.json.
 """
-import argparse
-
 import torch
 
 import common

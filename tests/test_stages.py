@@ -14,7 +14,6 @@ import common
 import semples
 import train_match
 import train_prompt
-import train_refine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--dataset", "toy", "--device", "cpu", "--workers", "0", "--batch_size", "16", "--size", "64"]
