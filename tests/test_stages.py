@@ -74,16 +74,22 @@ def small_args(module, toy_world, out, **over):
     return common.parse_args(module.build_parser(), module.PRESETS, argv)
 
 
-def test_clip_frozen_and_only_S_trains(toy_world, tmp_path, monkeypatch):
+def spy_on_clip(module, monkeypatch):
+    """Keep the frozen CLIP a stage loads, and a copy of its weights as loaded."""
     seen = {}
-    real = train_match.load_frozen_clip
+    real = module.load_frozen_clip
 
     def spy(name, device):
         seen["clip"] = real(name, device)
         seen["before"] = {k: v.clone() for k, v in seen["clip"].state_dict().items()}
         return seen["clip"]
 
-    monkeypatch.setattr(train_match, "load_frozen_clip", spy)
+    monkeypatch.setattr(module, "load_frozen_clip", spy)
+    return seen
+
+
+def test_clip_frozen_and_only_S_trains(toy_world, tmp_path, monkeypatch):
+    seen = spy_on_clip(train_match, monkeypatch)
     args = small_args(train_match, toy_world, tmp_path, cls_epochs=0, epochs=1)
     train_match.train(args)
     after = seen["clip"].state_dict()
@@ -95,15 +101,7 @@ def test_clip_frozen_and_only_S_trains(toy_world, tmp_path, monkeypatch):
 
 
 def test_only_prompts_train_in_stage_b(stages, toy_world, tmp_path, monkeypatch):
-    seen = {}
-    real = train_prompt.load_frozen_clip
-
-    def spy(name, device):
-        seen["clip"] = real(name, device)
-        seen["before"] = {k: v.clone() for k, v in seen["clip"].state_dict().items()}
-        return seen["clip"]
-
-    monkeypatch.setattr(train_prompt, "load_frozen_clip", spy)
+    seen = spy_on_clip(train_prompt, monkeypatch)
     match = stages["out"] / "match" / "checkpoint.pt"
     before_S = torch.load(match, weights_only=True)["model"]
     unlearned = small_args(train_prompt, toy_world, tmp_path / "p0", match=match, epochs=0, prompt_length=4)
