@@ -3,13 +3,13 @@ argmax -> dense CRF -> VOC-palette PNGs, the training targets of the segmenter (
 
 CAM of image X (METHOD.md, as the authors' release): for each scale s, X resized so that its longer
 side is s * --size (aspect kept; --size defaults to the square size S was trained at), plus its
-horizontal flip; relu(S(.)) (the CAM, as CLIMS/IRN make it) upsampled bilinearly to X's size; summed over scales and flips; kept
-for X's labelled classes only; min-max normalised per class. Pseudo mask: argmax over
+horizontal flip; relu(S(.)) (the CAM, as CLIMS/IRN make it) upsampled bilinearly to X's size; summed
+over scales and flips; kept for X's labelled classes only; min-max normalised per class. Pseudo mask: argmax over
 [--bg_threshold plane, present classes] (a tie goes to the background), then dense CRF (unary from
 those labels with gt_prob 0.7; Gaussian sxy 4 compat 3; bilateral sxy 83 srgb 5 compat 3; 10 iters).
 The threshold defaults are fixed (VOC 0.43 as in the release, COCO 0.42, toy 0.60 from a one-time
-developers' sweep on toy train): the pipeline never looks at ground truth. `eval_miou.py --cams OUT/cams` sweeps the threshold on
-train-set GT, which is how seeds are *reported*, not how the threshold is chosen here.
+developers' sweep on toy train): the pipeline never looks at ground truth. `eval_miou.py --cams
+OUT/cams` sweeps the threshold on train-set GT, which is how seeds are *reported*, not how the threshold is chosen here.
 
 Toy world (CPU):
     python make_pseudo.py --dataset toy --device cpu

@@ -61,11 +61,26 @@ def build_backbone(name, output_stride):
     return body, net.fc.in_features
 
 
+def load_imagenet_backbone(body, state_dict, path, backbone):
+    """Load torchvision ImageNet ResNet weights (fc dropped) into a body made by build_backbone."""
+    order = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    renamed = {f"{order.index(k.split('.')[0])}.{k.split('.', 1)[1]}": v for k, v in state_dict.items()
+               if k.split(".")[0] in order}
+    try:
+        missing, unexpected = body.load_state_dict(renamed, strict=False)
+    except RuntimeError as e:  # shape mismatch, e.g. ResNet-18 weights for a ResNet-50
+        raise ValueError(f"--init {path} does not fit --backbone {backbone}: {str(e).splitlines()[1]}") from e
+    if missing or unexpected:
+        raise ValueError(f"--init {path} does not fit --backbone {backbone}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+
+
 class MaskGenerator(nn.Module):
     """S: image in [0, 1] -> class activation maps [B, K, h, w] (logits). The soft masks M in [0, 1] are
     the CAMs min-max normalised per map (masked_pairs; as the authors' release, and not a sigmoid, which
-    saturates once classification has made the logits large); the pooled class scores (global average of the CAMs, equal to a linear classifier on
-    pooled features) feed the optional classification loss that makes S a CAM network in the first place.
+    saturates once classification has made the logits large). The pooled class scores (global average of
+    the CAMs, equal to a linear classifier on pooled features) feed the optional classification loss
+    that makes S a CAM network in the first place.
     """
 
     def __init__(self, backbone="resnet50", num_classes=20, output_stride=16):
@@ -94,14 +109,8 @@ def build_mask_generator(backbone, num_classes, output_stride, init=None):
             raise ValueError(f"--init {init} was trained for {obj['num_classes']} classes, the dataset has "
                              f"{num_classes}")
         S.load_state_dict(obj["model"])
-    elif isinstance(obj, dict) and "conv1.weight" in obj:  # torchvision ImageNet weights, fc dropped
-        order = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-        renamed = {f"{order.index(k.split('.')[0])}.{k.split('.', 1)[1]}": v for k, v in obj.items()
-                   if not k.startswith("fc.")}
-        missing, unexpected = S.backbone.load_state_dict(renamed, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"--init {init} does not fit --backbone {backbone}: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
+    elif isinstance(obj, dict) and "conv1.weight" in obj:  # torchvision ImageNet weights
+        load_imagenet_backbone(S.backbone, obj, init, backbone)
     else:
         raise ValueError(f"--init {init} is neither an S checkpoint of ours nor a torchvision ImageNet "
                          "state dict (expected keys like 'conv1.weight')")

@@ -175,7 +175,8 @@ def train(args, u_b=None, stage="match"):
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
         means = {n: common.all_reduce_mean(v / steps_per_epoch, world) for n, v in sums.items()}
-        log(f"epoch {epoch + 1}/{total_epochs} [{'cls-warmup' if warmup else stage}] " + " ".join(f"{n} {v:.4f}" for n, v in means.items())
+        log(f"epoch {epoch + 1}/{total_epochs} [{'cls-warmup' if warmup else stage}] "
+            + " ".join(f"{n} {v:.4f}" for n, v in means.items())
             + f" lr {opt.param_groups[0]['lr']:.2e} time {time.time() - t0:.1f}s")
         save(ckpt_path, epoch + 1)
         if stage == "match" and epoch + 1 == args.cls_epochs:

@@ -5,7 +5,8 @@ pushes each class's foreground away from that class's learned background prompt.
 
 The prompts (stage b) are fixed; only S trains. S starts from the same CAM network as stage (a)
 (OUT of stage a / init.pt) with the same schedule, so `--lambda_refine 0` is stage (a)'s objective and
-the two are comparable (paper Table 5 sweeps lambda). The refined S alone produces the final CAMs (make_pseudo.py).
+the two are comparable (paper Table 5 sweeps lambda). The refined S alone produces the final CAMs
+(make_pseudo.py).
 The training loop is stage (a)'s (train_match.train), with u^b set.
 
 Toy world (CPU, about 2 minutes):

@@ -32,7 +32,7 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
-from semples import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from semples import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, build_backbone, load_imagenet_backbone
 
 PRESETS = common.presets(
     voc=dict(masks="out/voc/pseudo/masks", out="out/voc/seg", backbone="resnet101", crop=321, batch_size=10,
@@ -142,13 +142,7 @@ def load_imagenet(net, path, backbone):
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, dict) or "conv1.weight" not in obj:
         raise ValueError(f"--init {path} is not a torchvision ImageNet state dict (expected keys like 'conv1.weight')")
-    order = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-    renamed = {f"{order.index(k.split('.')[0])}.{k.split('.', 1)[1]}": v for k, v in obj.items()
-               if k.split(".")[0] in order}
-    missing, unexpected = net.backbone.load_state_dict(renamed, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"--init {path} does not fit --backbone {backbone}: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+    load_imagenet_backbone(net.backbone, obj, path, backbone)
 
 
 # ----------------------------------------------------------------------------------------------
