@@ -47,6 +47,36 @@ DATASETS = {
 # ----------------------------------------------------------------------------------------------
 # Command line: `--dataset` picks a preset, explicit flags override it
 # ----------------------------------------------------------------------------------------------
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def new_parser(doc):
+    """Every script's parser: the module docstring as description, defaults shown in --help, and no
+    abbreviations (`--epoch 1` must not silently mean `--epochs 1`)."""
+    return argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter, allow_abbrev=False)
+
+
+def _number(kind, ok, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} must be {what}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+nonnegative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+unit_float = _number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
 def parse_args(parser, presets, argv=None):
     """Parse `argv` with per-dataset defaults: `presets[name]` is a dict of flag defaults for each of
     voc/coco/toy; flags given on the command line always win over the preset."""
@@ -252,6 +282,9 @@ def setup_device(name):
     """Pick the device once. Under torchrun (WORLD_SIZE > 1) also join the process group: NCCL on CUDA,
     one process per GPU. Returns (device, rank, world_size)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and dist.is_initialized():  # a second call in the same process
+        device = torch.device("cuda", torch.cuda.current_device()) if name.startswith("cuda") else torch.device(name)
+        return device, dist.get_rank(), world
     if world > 1:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if name.startswith("cuda"):
@@ -264,6 +297,15 @@ def setup_device(name):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked for, but no CUDA device is visible; pass --device cpu")
     return torch.device(name), 0, 1
+
+
+def begin(args, checkpoint="checkpoint.pt"):
+    """What every training stage does first: pick the device (joining torchrun's process group), seed,
+    open OUT/log.txt, read the class names. Returns (device, rank, world, log, OUT/checkpoint, names)."""
+    device, rank, world = setup_device(args.device)
+    seed_everything(args.seed)
+    log = Logger(args.out, rank)
+    return device, rank, world, log, os.path.join(args.out, checkpoint), read_class_names(args.data, args.dataset)
 
 
 def cleanup_distributed():
@@ -321,16 +363,21 @@ def save_checkpoint(obj, path):
         torch.save(obj, tmp)
 
 
+def read_torch_file(path, flag, hint):
+    """torch.load (weights only, on CPU) with errors that name the file, the flag and what to do."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} {path} not found: {hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{flag} {path} is not a readable torch file ({e}): {hint}") from e
+
+
 def load_checkpoint(path, kind, flag="--init"):
     """Load a checkpoint dict written by one of our stages and check it holds `kind`
     ('mask_generator', 'prompts', 'segmenter')."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found (flag {flag}); run the stage that writes it "
-                                "first (see README), or point the flag at an existing file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({e}); check flag {flag}") from e
+    ckpt = read_torch_file(path, flag, "run the stage that writes it first (see README), or point the flag at "
+                                       "an existing checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} (flag {flag}) holds '{found}', expected a '{kind}' checkpoint")
@@ -355,6 +402,25 @@ class Logger:
 def save_args(args, out_dir, name="args.json"):
     with atomic_path(os.path.join(out_dir, name)) as tmp, open(tmp, "w") as f:
         json.dump(vars(args), f, indent=2, sort_keys=True)
+
+
+def epoch_line(log, stage, epoch, epochs, means, lr, seconds):
+    """The one greppable line per epoch: `epoch 3/6 [match] loss 1.2345 ... lr 1.00e-03 time 12.3s`."""
+    log(f"epoch {epoch}/{epochs} [{stage}] " + " ".join(f"{n} {v:.4f}" for n, v in means.items())
+        + f" lr {lr:.2e} time {seconds:.1f}s")
+
+
+# Flags that do not change what a run computes: a resumed run may differ in these.
+RESUME_FREE = {"device", "workers", "resume", "out"}
+
+
+def check_resume(saved, current, path):
+    """Refuse to resume a run whose result-shaping flags changed (it would mix two experiments)."""
+    diff = sorted(k for k in set(saved) | set(current) if k not in RESUME_FREE and saved.get(k) != current.get(k))
+    if diff:
+        detail = ", ".join(f"--{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:4])
+        raise ValueError(f"{path} was made with other flags ({detail}); rerun with those flags to resume, "
+                         "or pass --no-resume / another --out to start afresh")
 
 
 def progress(iterable, desc, enabled=True, total=None):

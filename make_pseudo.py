@@ -1,7 +1,7 @@
 """Pseudo masks from the refined mask generator S: multi-scale CAMs -> constant background plane ->
 argmax -> dense CRF -> VOC-palette PNGs, the training targets of the segmenter (train_seg.py).
 
-CAM of image X (METHOD.md, as the authors' release): for each scale s, X resized so that its longer
+CAM of image X (docs/method.md, as the authors' release): for each scale s, X resized so that its longer
 side is s * --size (aspect kept; --size defaults to the square size S was trained at), plus its
 horizontal flip; relu(S(.)) (the CAM, as CLIMS/IRN make it) upsampled bilinearly to X's size; summed
 over scales and flips; kept for X's labelled classes only; min-max normalised per class. Pseudo mask: argmax over
@@ -38,7 +38,6 @@ resolution: ~0.35 MB per image (500x375, 1.5 classes), ~4 GB for train_aug. Toy 
 """
 import argparse
 import concurrent.futures
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -50,27 +49,21 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+from cams import CRF_DEFAULTS, CRF_GT_PROB, load_cams, multiscale_cams, pseudo_mask, save_cams
 
 PRESETS = common.presets(
-    voc=dict(checkpoint="out/voc/refine/checkpoint.pt", out="out/voc/pseudo", scales="1.0,1.2",
-             bg_threshold=0.43, store_scale=1.0, batch_size=8),
+    voc=dict(checkpoint="out/voc/refine/checkpoint.pt", out="out/voc/pseudo"),
     coco=dict(checkpoint="out/coco/refine/checkpoint.pt", out="out/coco/pseudo", scales="1.0,0.8,1.2",
-              bg_threshold=0.42, store_scale=0.5, batch_size=8),
+              bg_threshold=0.42, store_scale=0.5),
     # Toy: VOC's recipe (scales, CRF). The threshold was fixed once by the developers from a seed sweep
     # on toy train (best 0.55-0.70), as the release fixed VOC's 0.43; no run picks it from ground truth.
-    toy=dict(checkpoint="out/toy/refine/checkpoint.pt", out="out/toy/pseudo", scales="1.0,1.2",
-             bg_threshold=0.60, store_scale=1.0, batch_size=64),
+    toy=dict(checkpoint="out/toy/refine/checkpoint.pt", out="out/toy/pseudo", bg_threshold=0.60, batch_size=64),
 )
-
-# METHOD.md's dense CRF (the authors' release): pairwise terms and mean-field iterations.
-CRF_DEFAULTS = dict(gauss_sxy=4, gauss_compat=3, bi_sxy=83, bi_srgb=5, bi_compat=3, iters=10)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.new_parser(__doc__)
     common.add_common_flags(p)
-    p._option_string_actions["--workers"].help = ("processes decoding images (CAMs) and running the CRF "
-                                                  "(masks); 0 = inline")
     p.add_argument("--checkpoint", type=str, default=None, help="S checkpoint (stage c: OUT of train_refine.py)")
     p.add_argument("--split", type=str, default="train_aug", help="image list to make pseudo masks for")
     p.add_argument("--out", type=str, default=None, help="output folder (cams/, masks/, vis/, log.txt)")
@@ -78,19 +71,13 @@ def build_parser():
     p.add_argument("--size", type=int, default=None,
                    help="longer image side at scale 1.0 (default: the checkpoint's training size)")
     p.add_argument("--scales", type=str, default="1.0,1.2", help="comma list of CAM scales (each also flipped)")
-    p.add_argument("--batch_size", type=int, default=8, help="images per S forward (equal-sized images only)")
+    p.add_argument("--batch_size", type=common.positive_int, default=8, help="images per S forward (equal-sized images only)")
     p.add_argument("--store_scale", type=float, default=1.0,
                    help="CAMs are stored at this fraction of the image size (upsampled bilinearly on read)")
-    p.add_argument("--bg_threshold", type=float, default=0.43, help="constant background score")
-    p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True, help="dense CRF on the masks")
-    p.add_argument("--crf_gt_prob", type=float, default=0.7, help="CRF unary: confidence in the label")
-    p.add_argument("--crf_gauss_sxy", type=float, default=CRF_DEFAULTS["gauss_sxy"], help="Gaussian kernel sxy")
-    p.add_argument("--crf_gauss_compat", type=float, default=CRF_DEFAULTS["gauss_compat"], help="Gaussian compat")
-    p.add_argument("--crf_bi_sxy", type=float, default=CRF_DEFAULTS["bi_sxy"], help="bilateral kernel sxy")
-    p.add_argument("--crf_bi_srgb", type=float, default=CRF_DEFAULTS["bi_srgb"], help="bilateral kernel srgb")
-    p.add_argument("--crf_bi_compat", type=float, default=CRF_DEFAULTS["bi_compat"], help="bilateral compat")
-    p.add_argument("--crf_iters", type=int, default=CRF_DEFAULTS["iters"], help="mean-field iterations")
-    p.add_argument("--vis", type=int, default=0, help="write image | CAM | mask pictures for the first N images")
+    p.add_argument("--bg_threshold", type=common.unit_float, default=0.43, help="constant background score")
+    p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True,
+                   help="dense CRF on the masks (cams.CRF_DEFAULTS, unary gt_prob cams.CRF_GT_PROB)")
+    p.add_argument("--vis", type=common.nonnegative_int, default=0, help="write image | CAM | mask pictures for the first N images")
     p.add_argument("--cams_only", action="store_true", help="compute the CAMs, make no masks")
     p.add_argument("--masks_only", action="store_true",
                    help="reuse OUT/cams (no checkpoint, no GPU): only threshold + CRF + PNGs")
@@ -98,82 +85,8 @@ def build_parser():
 
 
 # ----------------------------------------------------------------------------------------------
-# Dense CRF (also imported by train_seg.py for its optional post-processing)
+# CAMs of S, written as CAM files (cams.save_cams)
 # ----------------------------------------------------------------------------------------------
-def _crf_inference(image, unary, n_labels, gauss_sxy, gauss_compat, bi_sxy, bi_srgb, bi_compat, iters):
-    import pydensecrf.densecrf as dcrf
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"CRF image must be uint8 HxWx3, got {image.dtype} {image.shape}")
-    h, w = image.shape[:2]
-    d = dcrf.DenseCRF2D(w, h, n_labels)
-    d.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
-    d.addPairwiseGaussian(sxy=gauss_sxy, compat=gauss_compat)
-    rgb = np.array(image, order="C")  # a writable C-contiguous copy (pydensecrf refuses read-only buffers)
-    d.addPairwiseBilateral(sxy=bi_sxy, srgb=bi_srgb, rgbim=rgb, compat=bi_compat)
-    return np.asarray(d.inference(iters), dtype=np.float32).reshape(n_labels, h, w)
-
-
-def dense_crf(image, labels, n_labels=None, gt_prob=0.7, **kw):
-    """Refine a label map with a dense CRF (pydensecrf2), the pseudo-mask CRF of METHOD.md.
-
-    image: uint8 [H, W, 3] RGB. labels: int [H, W] with values 0..n_labels-1 (every value is a real label,
-    none means 'unsure'; the unary trusts it with gt_prob). Or labels = float class probabilities
-    [n, H, W] (a segmenter's softmax: unary -log p, n_labels = n, gt_prob unused). kw: gauss_sxy,
-    gauss_compat, bi_sxy, bi_srgb, bi_compat, iters (defaults CRF_DEFAULTS).
-    Returns the refined labels, int64 [H, W] in 0..n_labels-1."""
-    from pydensecrf.utils import unary_from_labels
-    labels = np.asarray(labels)
-    if labels.ndim == 3:
-        return crf_probs(image, labels, **kw).argmax(0)
-    if n_labels is None:
-        raise ValueError("dense_crf on a label map needs n_labels")
-    if labels.shape != np.asarray(image).shape[:2]:
-        raise ValueError(f"CRF labels {labels.shape} and image {np.asarray(image).shape[:2]} differ in size")
-    if labels.size and (labels.min() < 0 or labels.max() >= n_labels):
-        raise ValueError(f"CRF labels must lie in 0..{n_labels - 1}, got {labels.min()}..{labels.max()}")
-    if n_labels < 2:
-        return labels.astype(np.int64)
-    unary = unary_from_labels(labels.astype(np.int64), n_labels, gt_prob=gt_prob, zero_unsure=False)
-    return _crf_inference(image, unary, n_labels, **{**CRF_DEFAULTS, **kw}).argmax(0)
-
-
-def crf_probs(image, probs, **kw):
-    """Dense CRF on class probabilities (e.g. a segmenter's softmax) [n, H, W] -> refined probabilities
-    [n, H, W] float32; image uint8 [H, W, 3]; kw as dense_crf."""
-    from pydensecrf.utils import unary_from_softmax
-    probs = np.asarray(probs, dtype=np.float32)
-    if probs.shape[1:] != np.asarray(image).shape[:2]:
-        raise ValueError(f"CRF probabilities {probs.shape[1:]} and image {np.asarray(image).shape[:2]} differ")
-    return _crf_inference(image, unary_from_softmax(probs), probs.shape[0], **{**CRF_DEFAULTS, **kw})
-
-
-# ----------------------------------------------------------------------------------------------
-# CAM files
-# ----------------------------------------------------------------------------------------------
-def save_cams(path, cams, classes, size):
-    with common.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, cams=cams.astype(np.float16), classes=np.asarray(classes, np.int16),
-                            size=np.asarray(size, np.int32))
-
-
-def load_cams(path):
-    """(cams float32 [C_present, H, W] at the image's size, classes int64 [C_present] 1-based)."""
-    try:
-        with np.load(path) as z:
-            cams, classes, size = z["cams"], z["classes"].astype(np.int64), tuple(int(v) for v in z["size"])
-    except FileNotFoundError:
-        raise FileNotFoundError(f"CAM file {path} not found; run make_pseudo.py (without --masks_only) first")
-    except Exception as e:
-        raise ValueError(f"cannot read CAM file {path} ({e}); delete it and rerun make_pseudo.py") from e
-    if cams.ndim != 3 or cams.shape[0] != len(classes):
-        raise ValueError(f"CAM file {path}: cams {cams.shape} do not match classes {classes.tolist()}")
-    cams = torch.from_numpy(cams.astype(np.float32))
-    if cams.shape[1:] != size and len(classes):  # stored at --store_scale < 1
-        cams = F.interpolate(cams[None], size, mode="bilinear", align_corners=False)[0]
-    return cams.reshape(len(classes), *size).numpy(), classes
-
-
 def _size_batches(root, ids, todo, batch_size):
     """Batches of indices into `ids` whose images share one size (headers only are read)."""
     if batch_size == 1:
@@ -191,48 +104,14 @@ def _size_batches(root, ids, todo, batch_size):
     return sorted(batches, key=lambda b: b[0])
 
 
-def _fingerprint(state_dict):
-    h = hashlib.sha1()
-    for k in sorted(state_dict):
-        h.update(k.encode())
-        h.update(state_dict[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-@torch.no_grad()
-def multiscale_cams(S, x, scales, size, device, amp, keep=None):
-    """Sum over scales and flips of relu(S(x_s)) upsampled to x's size. x: uint8 [B, H, W, 3];
-    keep: channel indices to upsample (default all). Returns float32 [B, len(keep), H, W] on device."""
-    x = x.to(device).permute(0, 3, 1, 2).float() / 255
-    B, _, H, W = x.shape
-    total = 0
-    # ---------------- algorithm logic ----------------
-    for s in scales:
-        f = s * size / max(H, W)
-        hw = (max(1, round(H * f)), max(1, round(W * f)))
-        xs = x if hw == (H, W) else F.interpolate(x, hw, mode="bilinear", align_corners=False, antialias=True)
-        with common.autocast(device, amp):
-            logits = S(torch.cat([xs, xs.flip(-1)]))
-        m = torch.relu(logits.float())  # not sigmoid: it saturates at 1 and flattens the map
-        if keep is not None:
-            m = m[:, keep]
-        m = F.interpolate(m, (H, W), mode="bilinear", align_corners=False)
-        total = total + m[:B] + m[B:].flip(-1)  # the flipped half flipped back
-    # --------------------------------------------------
-    return total
-
-
 def compute_cams(args, ids, cam_dir, log):
-    from semples import load_mask_generator  # here, so that the CRF worker processes stay light
+    from semples import load_mask_generator, weights_fingerprint  # here: the CRF worker processes stay light
     device, _, _ = common.setup_device(args.device)
-    S, ckpt = load_mask_generator(args.checkpoint, device)
     names = common.read_class_names(args.data, args.dataset)
-    if ckpt["class_names"] != names:
-        raise ValueError(f"--checkpoint {args.checkpoint} was trained for classes {ckpt['class_names'][:3]}... "
-                         f"({ckpt['num_classes']}), --data {args.data} has {names[:3]}... ({len(names)})")
+    S, ckpt = load_mask_generator(args.checkpoint, device, "--checkpoint", names)
     size = args.size or ckpt["args"]["size"]
     scales = [float(s) for s in args.scales.split(",") if s.strip()]
-    meta = {"fingerprint": _fingerprint(ckpt["model"]), "scales": scales, "size": size,
+    meta = {"fingerprint": weights_fingerprint(ckpt["model"]), "scales": scales, "size": size,
             "store_scale": args.store_scale, "class_names": names, "checkpoint": args.checkpoint}
     meta_path = os.path.join(cam_dir, "meta.json")
     paths = [os.path.join(cam_dir, f"{i}.npz") for i in ids]
@@ -287,18 +166,6 @@ def compute_cams(args, ids, cam_dir, log):
 # ----------------------------------------------------------------------------------------------
 # Masks: threshold + CRF, in worker processes
 # ----------------------------------------------------------------------------------------------
-def pseudo_mask(cams, classes, bg_threshold, image=None, crf=None):
-    """cams [C, H, W] in [0, 1] of the present classes (1-based values `classes`) -> class-value map
-    uint8 [H, W]. With `crf` (a dict: gt_prob and CRF_DEFAULTS' keys) and `image`, dense CRF on the labels."""
-    # ---------------- algorithm logic ----------------
-    bg = np.full((1,) + cams.shape[1:], bg_threshold, np.float64)  # float64 as eval_miou's sweep
-    labels = np.concatenate([bg, cams]).argmax(0)  # the first maximum: a tie goes to the background
-    if crf is not None and len(classes):
-        labels = dense_crf(image, labels, len(classes) + 1, **crf)
-    # --------------------------------------------------
-    return np.concatenate([[0], classes]).astype(np.uint8)[labels]
-
-
 def jet(v):
     """A jet-like colour map for v in [0, 1] -> uint8 [..., 3]."""
     v = np.clip(v, 0, 1)[..., None]
@@ -340,9 +207,7 @@ def make_masks(args, ids, cam_dir, mask_dir, log):
                                 "make_pseudo.py without --masks_only first")
     crf = None
     if args.crf:
-        crf = dict(gt_prob=args.crf_gt_prob, gauss_sxy=args.crf_gauss_sxy, gauss_compat=args.crf_gauss_compat,
-                   bi_sxy=args.crf_bi_sxy, bi_srgb=args.crf_bi_srgb, bi_compat=args.crf_bi_compat,
-                   iters=args.crf_iters)
+        crf = dict(gt_prob=CRF_GT_PROB, **CRF_DEFAULTS)
     meta_path = os.path.join(cam_dir, "meta.json")
     with open(meta_path) as f:
         cams_meta = {k: v for k, v in json.load(f).items() if k != "checkpoint"}  # path moves don't matter

@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
-# SemPLeS end to end: stages (a) -> (b) -> (c), CAMs -> pseudo masks, segmenter, mIoU table.
+# SemPLeS end to end: CAM network -> (a) -> (b) -> (c) -> CAMs -> pseudo masks -> segmenter -> mIoU table.
 #
-#   bash run.sh                        # the toy world on CPU (generates data + tiny CLIP if absent)
+#   bash run.sh                        # the toy world on CPU (generates data/toy + tiny CLIP if absent)
+#   bash run.sh --toy DIR --clip FILE  # any small VOC-layout folder with class_names.txt, any CLIP file
 #   bash run.sh --voc data/VOCdevkit/VOC2012 --clip ViT-B/32 \
 #       --init data/resnet50-imagenet.pth --seg_init data/resnet101-imagenet.pth --gpus 4
 #   bash run.sh --coco data/coco --clip ViT-B/32 --init ... --seg_init ... --gpus 8
+#   bash run.sh --seed 1 --out out/toy_seed1   # another pipeline seed
 #
-# Stops at the first failure. A finished step leaves OUT/.done/STEP and is skipped on the next run;
-# an interrupted training step resumes from its own checkpoint. Extra flags for one stage can be
-# passed through the environment: MATCH_ARGS, PROMPT_ARGS, REFINE_ARGS, PSEUDO_ARGS, SEG_ARGS, TOY_ARGS.
+# Stops at the first failure. A finished step leaves OUT/.done/STEP holding the command that made it;
+# it is skipped on the next run only if the command is the same (else it is redone from scratch, and so
+# is every step after it). An interrupted training step resumes from its own checkpoint. Extra flags for
+# one stage: CAM_ARGS, MATCH_ARGS, PROMPT_ARGS, REFINE_ARGS, PSEUDO_ARGS, SEG_ARGS, TOY_ARGS.
+# Writes OUT/results.json (every number of the printed table) and prints the table.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-DATASET=toy DATA="" CLIP="" INIT="" SEG_INIT="" GPUS=1 OUT="" DEVICE=""
+DATASET=toy DATA="" CLIP="" INIT="" SEG_INIT="" GPUS=1 OUT="" DEVICE="" SEED=504
 while [ $# -gt 0 ]; do
+  case "$1" in
+    --voc|--coco|--toy|--clip|--init|--seg_init|--gpus|--out|--device|--seed)
+      [ $# -ge 2 ] || { echo "run.sh: $1 needs a value (see bash run.sh --help)" >&2; exit 2; } ;;
+  esac
   case "$1" in
     --voc) DATASET=voc DATA=$2; shift 2 ;;
     --coco) DATASET=coco DATA=$2; shift 2 ;;
@@ -26,13 +34,22 @@ while [ $# -gt 0 ]; do
     --gpus) GPUS=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --device) DEVICE=$2; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --seed) SEED=$2; shift 2 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument '$1' (see bash run.sh --help)" >&2; exit 2 ;;
   esac
 done
+[[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --gpus must be a positive integer, got '$GPUS'" >&2; exit 2; }
+[[ "$SEED" =~ ^[0-9]+$ ]] || { echo "run.sh: --seed must be a non-negative integer, got '$SEED'" >&2; exit 2; }
 [ -n "$DATA" ] || DATA=data/$DATASET
 [ -n "$OUT" ] || OUT=out/$DATASET
 if [ "$DATASET" = toy ]; then
+  # Generate only where the folder is (or will be) a make_toy world: never write into a user's dataset.
+  if [ ! -e "$DATA" ] || [ -f "$DATA/toy_meta.json" ] || [ -z "$(ls -A "$DATA" 2>/dev/null)" ]; then
+    MAKE_TOY=1
+  elif [ ! -f "$DATA/class_names.txt" ]; then
+    echo "run.sh: --toy $DATA is neither a make_toy world nor a VOC-layout folder with class_names.txt" >&2; exit 2
+  fi
   [ -n "$CLIP" ] || CLIP=$DATA/tiny_clip.pt
   [ -n "$DEVICE" ] || DEVICE=cpu
 else
@@ -41,60 +58,87 @@ else
 fi
 [ -n "$DEVICE" ] || DEVICE=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 
-COMMON=(--dataset "$DATASET" --data "$DATA" --device "$DEVICE")
+COMMON=(--dataset "$DATASET" --data "$DATA" --device "$DEVICE" --seed "$SEED")
 TRAIN=("$PY")
 [ "$GPUS" -gt 1 ] && TRAIN=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$GPUS")
 mkdir -p "$OUT/.done"
+REDO=0
 
-step() {  # step NAME command...: run once, mark done
-  local name=$1; shift
-  if [ -f "$OUT/.done/$name" ]; then echo "== $name: done, skipped"; return; fi
+step() {  # step NAME DIR command...: run unless done with the same command; a redone step redoes the rest
+  local name=$1 dir=$2; shift 2
+  local want="$*"
+  if [ "$REDO" = 0 ] && [ -f "$OUT/.done/$name" ] && [ "$(head -n 1 "$OUT/.done/$name")" = "$want" ]; then
+    echo "== $name: done, skipped"; return
+  fi
+  if [ -f "$OUT/.done/$name" ]; then  # made by another command, or from an input that was redone
+    echo "== $name: its command or an earlier step changed, redoing it from scratch"
+    rm -f "$OUT/.done/$name"
+    [ -z "$dir" ] || rm -rf "$dir"
+  fi
+  REDO=1
   echo "== $name: $*"
   local t0=$SECONDS
   "$@"
-  echo "$((SECONDS - t0))" > "$OUT/.done/$name"
+  printf '%s\n%s\n' "$want" "$((SECONDS - t0))" > "$OUT/.done/$name.tmp" && mv "$OUT/.done/$name.tmp" "$OUT/.done/$name"
 }
-miou() { grep -E '^mIoU: ' "$1" | tail -n 1 | awk '{print $2}'; }
-best_t() { grep -E '^best threshold: ' "$1" | tail -n 1 | awk '{print $3}'; }
+seeds() {  # seeds NAME CHECKPOINT: CAMs of the train list, threshold sweep (seed mIoU), pseudo masks, mIoU
+  local name=$1 ckpt=$2
+  "$PY" make_pseudo.py "${COMMON[@]}" --checkpoint "$ckpt" --split train --out "$OUT/$name" ${PSEUDO_ARGS:-}
+  "$PY" eval_miou.py --dataset "$DATASET" --data "$DATA" --split train --cams "$OUT/$name/cams" \
+    --t_start 0.05 --t_end 0.95 --json "$OUT/$name/seed.json" > "$OUT/$name/seed_eval.txt"
+  "$PY" eval_miou.py --dataset "$DATASET" --data "$DATA" --split train --pred "$OUT/$name/masks" \
+    --json "$OUT/$name/mask.json" > "$OUT/$name/mask_eval.txt"
+}
 
 # shellcheck disable=SC2086
 {
-if [ "$DATASET" = toy ]; then
-  step toy "$PY" make_toy.py --out "$DATA" ${TOY_ARGS:-}
+if [ -n "${MAKE_TOY:-}" ]; then
+  step toy "" "$PY" make_toy.py --out "$DATA" ${TOY_ARGS:-}
 fi
 INIT_FLAG=(); [ -n "$INIT" ] && INIT_FLAG=(--init "$INIT")
 SEG_INIT_FLAG=(); [ -n "$SEG_INIT" ] && SEG_INIT_FLAG=(--init "$SEG_INIT")
+CAM=$OUT/cam/checkpoint.pt
 
-step match "${TRAIN[@]}" train_match.py "${COMMON[@]}" --clip "$CLIP" --out "$OUT/match" "${INIT_FLAG[@]}" ${MATCH_ARGS:-}
-# Baselines, scored on the train list: the CAM network matching starts from (init.pt), and stage (a) alone.
-step pseudo_init "$PY" make_pseudo.py "${COMMON[@]}" --checkpoint "$OUT/match/init.pt" --split train \
-  --out "$OUT/pseudo_init" ${PSEUDO_ARGS:-}
-step pseudo_a "$PY" make_pseudo.py "${COMMON[@]}" --checkpoint "$OUT/match/checkpoint.pt" --split train \
-  --out "$OUT/pseudo_a" ${PSEUDO_ARGS:-}
-evaluate() {  # evaluate DIR: seeds (threshold sweep over the saved CAMs) and pseudo masks on the train list
-  "$PY" eval_miou.py "${COMMON[@]}" --split train --cams "$1/cams" --t_start 0.10 --t_end 0.90 > "$1/seed_eval.txt"
-  "$PY" eval_miou.py "${COMMON[@]}" --split train --pred "$1/masks" > "$1/mask_eval.txt"
-}
-evaluate "$OUT/pseudo_init"
-evaluate "$OUT/pseudo_a"
-step prompt "${TRAIN[@]}" train_prompt.py "${COMMON[@]}" --clip "$CLIP" --match "$OUT/match/checkpoint.pt" \
+step cam "$OUT/cam" "${TRAIN[@]}" train_cam.py "${COMMON[@]}" --out "$OUT/cam" "${INIT_FLAG[@]}" ${CAM_ARGS:-}
+step seeds_cam "$OUT/seeds_cam" seeds seeds_cam "$CAM"
+step match "$OUT/match" "${TRAIN[@]}" train_match.py "${COMMON[@]}" --clip "$CLIP" --init "$CAM" --out "$OUT/match" ${MATCH_ARGS:-}
+step seeds_a "$OUT/seeds_a" seeds seeds_a "$OUT/match/checkpoint.pt"
+step prompt "$OUT/prompt" "${TRAIN[@]}" train_prompt.py "${COMMON[@]}" --clip "$CLIP" --match "$OUT/match/checkpoint.pt" \
   --out "$OUT/prompt" ${PROMPT_ARGS:-}
-step refine "${TRAIN[@]}" train_refine.py "${COMMON[@]}" --clip "$CLIP" --init "$OUT/match/init.pt" \
-  --prompts "$OUT/prompt/prompts.pt" --out "$OUT/refine" ${REFINE_ARGS:-}
-step pseudo "$PY" make_pseudo.py "${COMMON[@]}" --checkpoint "$OUT/refine/checkpoint.pt" --split train_aug \
+step refine "$OUT/refine" "${TRAIN[@]}" train_refine.py "${COMMON[@]}" --clip "$CLIP" --init "$CAM" \
+  --prompts "$OUT/prompt/prompts.pt" --out "$OUT/refine" ${MATCH_ARGS:-} ${REFINE_ARGS:-}
+step seeds_c "$OUT/seeds_c" seeds seeds_c "$OUT/refine/checkpoint.pt"
+step pseudo "$OUT/pseudo" "$PY" make_pseudo.py "${COMMON[@]}" --checkpoint "$OUT/refine/checkpoint.pt" --split train_aug \
   --out "$OUT/pseudo" ${PSEUDO_ARGS:-}
-evaluate "$OUT/pseudo"
-step seg "${TRAIN[@]}" train_seg.py "${COMMON[@]}" --masks "$OUT/pseudo/masks" --out "$OUT/seg" \
+step seg "$OUT/seg" "${TRAIN[@]}" train_seg.py "${COMMON[@]}" --masks "$OUT/pseudo/masks" --out "$OUT/seg" \
   "${SEG_INIT_FLAG[@]}" ${SEG_ARGS:-}
-"$PY" eval_miou.py "${COMMON[@]}" --split val --pred "$OUT/seg/pred" > "$OUT/seg/val_eval.txt"
+step seg_eval "" "$PY" eval_miou.py --dataset "$DATASET" --data "$DATA" --split val --pred "$OUT/seg/pred" \
+  --json "$OUT/seg/val.json"
 }
 
-printf '\nSemPLeS on %s (mIoU %%; seeds: best background threshold of the sweep, as papers report them)\n' "$DATASET"
-printf '%-34s %16s %18s\n' "" "seed (CAM), train" "pseudo mask, train"
-printf '%-34s %10s t=%-4s %18s\n' "CAM network before matching" "$(miou "$OUT/pseudo_init/seed_eval.txt")" \
-  "$(best_t "$OUT/pseudo_init/seed_eval.txt")" "$(miou "$OUT/pseudo_init/mask_eval.txt")"
-printf '%-34s %10s t=%-4s %18s\n' "stage (a) only: L_match" "$(miou "$OUT/pseudo_a/seed_eval.txt")" \
-  "$(best_t "$OUT/pseudo_a/seed_eval.txt")" "$(miou "$OUT/pseudo_a/mask_eval.txt")"
-printf '%-34s %10s t=%-4s %18s\n' "SemPLeS (a)+(b)+(c)" "$(miou "$OUT/pseudo/seed_eval.txt")" \
-  "$(best_t "$OUT/pseudo/seed_eval.txt")" "$(miou "$OUT/pseudo/mask_eval.txt")"
-printf '%-34s %35s\n' "segmenter on pseudo masks, val" "$(miou "$OUT/seg/val_eval.txt")"
+"$PY" - "$OUT" "$DATASET" "$SEED" <<'EOF'
+import json, os, sys
+out, dataset, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def read(path):
+    with open(os.path.join(out, path)) as f:
+        return json.load(f)
+rows = {"cam": "CAM network", "a": "stage (a) only: L_match", "c": "SemPLeS (a)+(b)+(c)"}
+res = {"dataset": dataset, "seed": seed}
+for key in rows:
+    s, m = read(f"seeds_{key}/seed.json"), read(f"seeds_{key}/mask.json")
+    res[key] = {"seed_miou": round(s["miou"], 2), "seed_threshold": s["best_threshold"],
+                "pseudo_miou": round(m["miou"], 2)}
+res["segmenter_val_miou"] = round(read("seg/val.json")["miou"], 2)
+tmp = os.path.join(out, "results.json.tmp")
+with open(tmp, "w") as f:
+    json.dump(res, f, indent=1)
+os.replace(tmp, os.path.join(out, "results.json"))
+print(f"\nSemPLeS on {dataset}, seed {seed} (mIoU %; seeds at the best background threshold of a sweep, "
+      "as papers report them; pseudo masks at the fixed preset threshold)")
+print(f"{'':34s} {'seed (CAM), train':>17s} {'pseudo mask, train':>19s}")
+for key, name in rows.items():
+    r = res[key]
+    print(f"{name:34s} {r['seed_miou']:10.2f} t={r['seed_threshold']:<4.2f} {r['pseudo_miou']:19.2f}")
+print(f"{'segmenter on pseudo masks, val':34s} {res['segmenter_val_miou']:37.2f}")
+print(f"results: {os.path.join(out, 'results.json')}")
+EOF

@@ -1,10 +1,11 @@
-"""The algorithm pieces the three SemPLeS stages share: the mask generator S, the masked CLIP samples,
-the losses L_match, L_prompt and L_refine, and the learnable background prompts.
+"""The algorithm pieces the SemPLeS stages share: the mask generator S, the masked CLIP samples, the
+losses L_match (Eq. 1), L_prompt (Eq. 2) and L_refine (Eq. 3), and the learnable background prompts.
 
-Notation follows the paper (see ../shared/METHOD.md): for every class k present in image X,
+Notation follows the paper (docs/method.md): for every class k present in image X,
     X^f_k = M_k * X,  X^b_k = (1 - M_k) * X,  v = E_I(.),  u^f_k = E_T("a photo of {k}."),  u^b_k = E_T(p_k)
 and sim() is the cosine similarity clamped into [1e-4, 1 - 1e-4] before every log (as in CLIMS).
 """
+import hashlib
 import os
 
 import torch
@@ -14,9 +15,11 @@ import torchvision
 from torchvision.models.resnet import BasicBlock
 
 import clip
-from common import CLIP_NAMES, load_checkpoint
+from common import CLIP_NAMES, load_checkpoint, read_torch_file
 
 EPS = 1e-4
+TEMPLATE = "a photo of {}."  # the class text u^f of every stage (the paper's)
+FILLS = ("mean", "black")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BACKBONES = ("resnet50", "resnet101", "resnet18", "resnet34", "tiny")
 
@@ -89,37 +92,55 @@ class MaskGenerator(nn.Module):
         self.classifier = nn.Conv2d(channels, num_classes, 1, bias=False)  # the CLIMS/IRN 1x1 classifier
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.frozen_backbone = False
+
+    def set_trainable(self, part):
+        """'all', or 'head': only the 1x1 classifier trains, on the fixed features of the CAM network
+        (the authors' release detaches the backbone features in stages (a) and (c))."""
+        if part not in ("all", "head"):
+            raise ValueError(f"--train must be 'all' or 'head', got {part!r}")
+        self.frozen_backbone = part == "head"
+        for p in self.backbone.parameters():
+            p.requires_grad_(not self.frozen_backbone)
+        return self
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen_backbone:
+            self.backbone.eval()  # fixed features: BatchNorm keeps the CAM network's statistics
+        return self
 
     def forward(self, x):
-        return self.classifier(self.backbone((x - self.mean) / self.std))
+        x = (x - self.mean) / self.std
+        if self.frozen_backbone:
+            with torch.no_grad():
+                features = self.backbone(x)
+        else:
+            features = self.backbone(x)
+        return self.classifier(features)
 
 
 def build_mask_generator(backbone, num_classes, output_stride, init=None):
-    """Build S; `init` is an ImageNet torchvision state-dict file (backbone only) or one of our S
-    checkpoints (everything, class count checked), or None (random init, fine for the toy world)."""
+    """A fresh S for train_cam.py; `init` is an ImageNet torchvision state-dict file (backbone only) or
+    None (random init, fine for the toy world)."""
     S = MaskGenerator(backbone, num_classes, output_stride)
     if not init:
         return S
-    if not os.path.exists(init):
-        raise FileNotFoundError(f"--init {init} not found: pass an ImageNet torchvision state-dict file, "
-                                "an S checkpoint from train_match.py, or nothing (random init)")
-    obj = torch.load(init, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and obj.get("kind") == "mask_generator":
-        if obj["num_classes"] != num_classes:
-            raise ValueError(f"--init {init} was trained for {obj['num_classes']} classes, the dataset has "
-                             f"{num_classes}")
-        S.load_state_dict(obj["model"])
-    elif isinstance(obj, dict) and "conv1.weight" in obj:  # torchvision ImageNet weights
-        load_imagenet_backbone(S.backbone, obj, init, backbone)
-    else:
-        raise ValueError(f"--init {init} is neither an S checkpoint of ours nor a torchvision ImageNet "
-                         "state dict (expected keys like 'conv1.weight')")
+    obj = read_torch_file(init, "--init", "pass an ImageNet torchvision state-dict file, or nothing (random init)")
+    if not (isinstance(obj, dict) and "conv1.weight" in obj):
+        raise ValueError(f"--init {init} is not a torchvision ImageNet state dict (expected keys like "
+                         "'conv1.weight')")
+    load_imagenet_backbone(S.backbone, obj, init, backbone)
     return S
 
 
-def load_mask_generator(path, device, flag="--checkpoint"):
-    """Rebuild S from a stage checkpoint alone (the architecture is in the checkpoint's args)."""
+def load_mask_generator(path, device, flag="--checkpoint", class_names=None):
+    """Rebuild S from a stage checkpoint alone (the architecture is in the checkpoint's args); with
+    `class_names`, refuse a checkpoint trained for other classes (names and order, not only the count)."""
     ckpt = load_checkpoint(path, "mask_generator", flag)
+    if class_names is not None and ckpt["class_names"] != list(class_names):
+        raise ValueError(f"{flag} {path} was trained for classes {ckpt['class_names'][:4]}... "
+                         f"({ckpt['num_classes']}), the dataset has {list(class_names)[:4]}... ({len(class_names)})")
     a = ckpt["args"]
     S = MaskGenerator(a["backbone"], ckpt["num_classes"], a["output_stride"])
     S.load_state_dict(ckpt["model"])
@@ -142,8 +163,22 @@ def clip_name(name):
     return CLIP_NAMES.get(name, name)
 
 
+def weights_fingerprint(state_dict):
+    """A short hash of every tensor of a state dict (names included): what keys reused outputs."""
+    h = hashlib.sha256()
+    for name, t in sorted(state_dict.items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def clip_identity(clip_model):
+    """A fingerprint of all CLIP weights, so that prompts learned with one CLIP are refused by another."""
+    return weights_fingerprint(clip_model.state_dict())
+
+
 @torch.no_grad()
-def class_text_features(model, class_names, template="a photo of {}."):
+def class_text_features(model, class_names, template=TEMPLATE):
     """u^f: one normalised text feature per class, computed once per run."""
     tokens = clip.tokenize([template.format(clip_name(c)) for c in class_names],
                            context_length=model.context_length)
@@ -157,18 +192,33 @@ def encode_images(model, x):
     return F.normalize(model.encode_image((x - mean) / std).float(), dim=-1)
 
 
-def masked_pairs(images, cams, labels, resolution):
-    """One CLIP sample per (image, present class) pair: the class's CAM resized (bilinear) to the CLIP
-    input and min-max normalised per map is the soft mask M, applied to the image as foreground and
-    background. Returns (X^f [P,3,r,r], X^b [P,3,r,r], class index k [P], image index b [P], M [P,1,r,r])."""
-    b, k = labels.nonzero(as_tuple=True)
-    m = F.interpolate(cams[b, k].unsqueeze(1).float(), size=(resolution, resolution), mode="bilinear",
+def soft_masks(cams, resolution):
+    """M in [0, 1]: each CAM resized (bilinear) to the CLIP input and min-max normalised per map."""
+    m = F.interpolate(cams.unsqueeze(1).float(), size=(resolution, resolution), mode="bilinear",
                       align_corners=False)
-    lo = m.amin(dim=(2, 3), keepdim=True)
-    hi = m.amax(dim=(2, 3), keepdim=True)
-    m = (m - lo) / (hi - lo + 1e-5)
+    return minmax(m)
+
+
+def minmax(m, eps=1e-5):
+    """Min-max normalisation of each map of [N, C, H, W] (over H, W)."""
+    lo, hi = m.amin(dim=(-2, -1), keepdim=True), m.amax(dim=(-2, -1), keepdim=True)
+    return (m - lo) / (hi - lo + eps)
+
+
+def masked_pairs(images, cams, labels, resolution, fill="mean"):
+    """One CLIP sample per (image, present class) pair: X^f = M * X and X^b = (1 - M) * X.
+
+    `fill` is what the masked-out pixels become. 'mean' (default): CLIP's mean colour, i.e. the mask
+    multiplies the *normalised* image, as CLIMS and the authors' release do; a removed region then looks
+    like a flat grey backdrop, not like a black scene. 'black': the mask multiplies the raw pixels.
+    Returns (X^f [P,3,r,r], X^b [P,3,r,r] in [0, 1], class index k [P], image index b [P], M [P,1,r,r])."""
+    if fill not in FILLS:
+        raise ValueError(f"--fill must be one of {FILLS}, got {fill!r}")
+    b, k = labels.nonzero(as_tuple=True)
+    m = soft_masks(cams[b, k], resolution)
     x = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)[b]
-    return m * x, (1 - m) * x, k, b, m
+    f = torch.tensor(clip.MEAN if fill == "mean" else (0.0, 0.0, 0.0), device=x.device).view(1, 3, 1, 1)
+    return m * x + (1 - m) * f, (1 - m) * x + m * f, k, b, m
 
 
 def sim(a, b):
@@ -177,27 +227,38 @@ def sim(a, b):
 
 
 # ----------------------------------------------------------------------------------------------
-# The three losses, exactly as METHOD.md writes them (means over (image, class) pairs)
+# The paper's losses, one function per equation (means over (image, class) pairs)
 # ----------------------------------------------------------------------------------------------
 def L_match(v_f, v_b, u_f, lambda_b):
-    """Segment-Label Matching: X^f should match "a photo of {k}.", X^b should not.
-    Returns (loss, foreground term, background term); u_f is already indexed by each pair's class."""
+    """Eq. 1, Segment-Label Matching: X^f should match "a photo of {k}.", X^b should not.
+        L_match = E[ -log sim(v^f_k, u^f_k) - lambda_b * log(1 - sim(v^b_k, u^f_k)) ]
+    u_f is already indexed by each pair's class. Returns (loss, foreground term, background term)."""
     fg = -torch.log(sim(v_f, u_f)).mean()
     bg = -torch.log(1 - sim(v_b, u_f)).mean()
     return fg + lambda_b * bg, fg, bg
 
 
 def L_prompt(u_b, v_b, u_f, lambda_T, image_term=True):
-    """Contrastive Prompt Learning: the prompt u^b_k should match the background X^b of class k
-    (L_prompt^I) and stay away from the class text u^f_k (L_prompt^T). Returns (loss, I term, T term)."""
+    """Eq. 2, Contrastive Prompt Learning: the prompt u^b_k should match the background X^b of class k
+    (L_prompt^I) and stay away from the class text u^f_k (L_prompt^T).
+        L_prompt = E[ -log sim(u^b_k, v^b_k) + lambda_T * log sim(u^b_k, u^f_k) ]
+    Returns (loss, I term, T term)."""
     term_I = -torch.log(sim(u_b, v_b)).mean()
     term_T = torch.log(sim(u_b, u_f)).mean()
     return (term_I if image_term else 0) + lambda_T * term_T, term_I, term_T
 
 
 def L_refine(v_f, u_b):
-    """Prompt-guided Semantic Refinement: the foreground should not look like the class's background."""
+    """Eq. 3, Prompt-guided Semantic Refinement: the foreground should not look like its class's
+    background.  L_refine = E[ -log(1 - sim(v^f_k, u^b_k)) ]"""
     return -torch.log(1 - sim(v_f, u_b)).mean()
+
+
+def L_area(M):
+    """Not in SemPLeS: CLIMS's area term, the mean of the soft masks. L_match alone is lowest when M
+    covers the whole image (the full image matches the class text, an empty background matches
+    nothing); this term prices mask area."""
+    return M.mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,3 +296,20 @@ def _bare_tokens(text, model):
     """BPE ids of `text` without [SOT]/[EOT]."""
     t = clip.tokenize([text], context_length=model.context_length)[0]
     return t[1: int(t.argmax())].tolist()
+
+
+@torch.no_grad()
+def load_prompt_features(path, clip_model, class_names, flag="--prompts"):
+    """u^b [K, D] from a stage (b) prompts file, re-encoded with `clip_model` after checking that the
+    prompts were learned with the same CLIP (all weights) and for the same classes (names and order)."""
+    ckpt = load_checkpoint(path, "prompts", flag)
+    if ckpt["class_names"] != list(class_names):
+        raise ValueError(f"{flag} {path} was learned for classes {ckpt['class_names'][:4]}..., the dataset has "
+                         f"{list(class_names)[:4]}...")
+    if ckpt["fingerprint"] != clip_identity(clip_model):
+        raise ValueError(f"{flag} {path} was learned with another CLIP ('{ckpt['clip']}'); pass the --clip it "
+                         "was learned with, or rerun train_prompt.py")
+    prompts = Prompts(clip_model, len(class_names), ckpt["prompts"].shape[1]).to(ckpt["prompts"].device)
+    prompts.prompts.copy_(ckpt["prompts"])
+    device = next(clip_model.parameters()).device
+    return prompts.to(device)(clip_model)

@@ -8,6 +8,8 @@ second (L_prompt^T) pushes it away from the class text. S is frozen and this sta
 augmentation, so the background features v^b of every (image, class) pair never change: they are
 computed once (cached in OUT/cache.pt) and the prompts train against the cache.
 
+S's input size and the fill of the masked-out pixels are stage (a)'s, read from its checkpoint.
+
 Toy world (CPU, under a minute):
     python train_prompt.py --dataset toy --device cpu
 Paper, VOC:
@@ -19,7 +21,6 @@ Writes OUT/prompts.pt: the prompts [K, L, D], their text features u^b [K, D], th
 CLIP identity, optimizer and epoch (resumed from if present); OUT/log.txt, OUT/args.json.
 """
 import argparse
-import hashlib
 import os
 import time
 
@@ -27,100 +28,88 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
-from semples import (L_prompt, Prompts, class_text_features, encode_images, load_frozen_clip,
-                     load_mask_generator, masked_pairs)
+from semples import (L_prompt, Prompts, class_text_features, clip_identity, encode_images, load_frozen_clip,
+                     load_mask_generator, masked_pairs, weights_fingerprint)
 
 PRESETS = common.presets(
-    voc=dict(lambda_T=0.02, match="out/voc/match/checkpoint.pt", out="out/voc/prompt", size=448, clip_res=224),
-    coco=dict(lambda_T=0.01, match="out/coco/match/checkpoint.pt", out="out/coco/prompt", size=448, clip_res=224),
+    voc=dict(match="out/voc/match/checkpoint.pt", out="out/voc/prompt"),
+    coco=dict(match="out/coco/match/checkpoint.pt", out="out/coco/prompt", lambda_T=0.01),
     # Toy: 8 tokens, because the tiny CLIP's captions are short: its positional embeddings past ~15
     # tokens never trained, and the EOT feature must sit where they did.
-    toy=dict(lambda_T=0.02, match="out/toy/match/checkpoint.pt", out="out/toy/prompt", size=96, clip_res=64,
-             epochs=30, prompt_length=8, workers=1),
+    toy=dict(match="out/toy/match/checkpoint.pt", out="out/toy/prompt", epochs=30, prompt_length=8, workers=1),
 )
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.new_parser(__doc__)
     common.add_common_flags(p)
     p.add_argument("--clip", type=str, default=None, help="CLIP model name or checkpoint path (as stage a)")
     p.add_argument("--match", type=str, default=None, help="stage (a) checkpoint of S")
     p.add_argument("--split", type=str, default="train_aug", help="image list the prompts learn from")
     p.add_argument("--out", type=str, default=None, help="output folder")
-    p.add_argument("--size", type=int, default=448, help="S input size (as in stage a)")
-    p.add_argument("--clip_res", type=int, default=224, help="CLIP input resolution")
-    p.add_argument("--prompt_length", type=int, default=30, help="learnable tokens per class (L)")
-    p.add_argument("--batch_size", type=int, default=128, help="(image, class) pairs per step")
-    p.add_argument("--epochs", type=int, default=60, help="epochs over the cached pairs (0 = unlearned)")
-    p.add_argument("--lr", type=float, default=0.1, help="AdamW lr before scaling by batch/512")
-    p.add_argument("--weight_decay", type=float, default=0.03, help="AdamW weight decay")
-    p.add_argument("--lambda_T", type=float, default=0.02, help="weight of L_prompt^T")
+    p.add_argument("--prompt_length", type=common.positive_int, default=30, help="learnable tokens per class (L)")
+    p.add_argument("--batch_size", type=common.positive_int, default=128, help="(image, class) pairs per step")
+    p.add_argument("--epochs", type=common.nonnegative_int, default=60,
+                   help="epochs over the cached pairs (0 = unlearned prompts, a Table 4 ablation)")
+    p.add_argument("--lr", type=common.positive_float, default=0.1, help="AdamW lr before scaling by batch/512")
+    p.add_argument("--weight_decay", type=common.nonnegative_float, default=0.03, help="AdamW weight decay")
+    p.add_argument("--lambda_T", type=common.nonnegative_float, default=0.02, help="weight of L_prompt^T")
     p.add_argument("--image_term", action=argparse.BooleanOptionalAction, default=True,
                    help="use L_prompt^I (off: the Table 4 'L_prompt^T only' row)")
-    p.add_argument("--template", type=str, default="a photo of {}.", help="class text template (u^f)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from OUT/prompts.pt if present")
+                   help="continue from OUT/prompts.pt if present (refused if result-shaping flags changed)")
     return p
 
 
-def clip_identity(args, clip_model):
-    """Name plus a fingerprint of the text tower, so stage (c) can refuse prompts from another CLIP."""
-    w = clip_model.text_projection.detach().float().cpu().numpy().tobytes()
-    return {"clip": args.clip, "fingerprint": hashlib.sha256(w).hexdigest()[:16]}
-
-
 @torch.no_grad()
-def background_cache(args, S, clip_model, K, device, log, rank=0):
-    """v^b and k of every (image, present class) pair of the split, computed once with the frozen S."""
+def background_cache(args, S, match_args, clip_model, K, device, log, rank=0):
+    """v^b and k of every (image, present class) pair of the split, computed once with the frozen S.
+    The cache is keyed on what produced it (S's weights, the split, the fill, the CLIP)."""
     path = os.path.join(args.out, "cache.pt")
+    key = {"S": weights_fingerprint(S.state_dict()), "split": args.split, "fill": match_args["fill"],
+           "size": match_args["size"], "clip": clip_identity(clip_model)}
     if os.path.exists(path):
         cache = torch.load(path, map_location="cpu", weights_only=True)
-        if cache.get("match") == os.path.abspath(args.match) and cache.get("split") == args.split:
+        if cache.get("key") == key:
             return cache["v_b"], cache["k"]
-    data = common.ClsDataset(args.data, args.split, K, args.size, augment=False)
+    data = common.ClsDataset(args.data, args.split, K, match_args["size"], augment=False)
     loader = torch.utils.data.DataLoader(data, 64, shuffle=False, num_workers=args.workers)
+    res = clip_model.visual.input_resolution
     v_b, ks = [], []
     for x, y, _ in common.progress(loader, "caching v^b"):
         x, y = x.to(device), y.to(device)
         with common.autocast(device, args.amp):
-            _, X_b, k, _, _ = masked_pairs(x, S(x), y, args.clip_res)
+            _, X_b, k, _, _ = masked_pairs(x, S(x), y, res, match_args["fill"])
             v_b.append(encode_images(clip_model, X_b).float().cpu())
         ks.append(k.cpu())
     v_b, ks = torch.cat(v_b), torch.cat(ks)
     log(f"cached v^b of {len(ks)} (image, class) pairs from {len(data)} images")
     if rank == 0:
-        common.save_checkpoint({"v_b": v_b, "k": ks, "match": os.path.abspath(args.match), "split": args.split},
-                               path)
+        common.save_checkpoint({"v_b": v_b, "k": ks, "key": key}, path)
     return v_b, ks
 
 
 def main(args):
-    device, rank, world = common.setup_device(args.device)
-    common.seed_everything(args.seed)
-    log = common.Logger(args.out, rank)
-    out_path = os.path.join(args.out, "prompts.pt")
-
-    S, match_ckpt = load_mask_generator(args.match, device, "--match")
-    names = common.read_class_names(args.data, args.dataset)
+    device, rank, world, log, out_path, names = common.begin(args, "prompts.pt")
     K = len(names)
-    if match_ckpt["num_classes"] != K:
-        raise ValueError(f"--match {args.match} has {match_ckpt['num_classes']} classes, --data {K}")
+    S, match_ckpt = load_mask_generator(args.match, device, "--match", names)
     if not match_ckpt.get("done", True):
-        log(f"warning: {args.match} is from an unfinished stage (a) run (epoch {match_ckpt['epoch']})")
+        raise ValueError(f"--match {args.match} is from an unfinished stage (a) run (epoch "
+                         f"{match_ckpt['epoch']}/{match_ckpt['epochs']}); finish it first")
     clip_model = load_frozen_clip(args.clip, device)
-    u_f = class_text_features(clip_model, names, args.template)
-    v_b, k = background_cache(args, S, clip_model, K, device, log, rank)
+    u_f = class_text_features(clip_model, names)
+    v_b, k = background_cache(args, S, match_ckpt["args"], clip_model, K, device, log, rank)
     v_b, k = v_b.to(device), k.to(device)
     del S
 
+    torch.manual_seed(args.seed)  # the prompts' init must not depend on whether the cache existed
     prompts = Prompts(clip_model, K, args.prompt_length).to(device)
     lr = args.lr * args.batch_size / 512
     opt = torch.optim.AdamW(prompts.parameters(), lr=lr, weight_decay=args.weight_decay)
     start = 0
     if args.resume and os.path.exists(out_path):
         ckpt = common.load_checkpoint(out_path, "prompts", "--out")
-        if ckpt["num_classes"] != K or ckpt["prompts"].shape[1] != args.prompt_length:
-            raise ValueError(f"{out_path} does not match this run (classes / prompt length); use a new --out")
+        common.check_resume(ckpt["args"], vars(args), out_path)
         prompts.prompts.data.copy_(ckpt["prompts"])
         opt.load_state_dict(ckpt["optimizer"])
         start = ckpt["epoch"]
@@ -135,7 +124,8 @@ def main(args):
                 u_b = prompts(clip_model)
             common.save_checkpoint({"kind": "prompts", "prompts": prompts.prompts.detach().cpu(),
                                     "u_b": u_b.cpu(), "class_names": names, "num_classes": K,
-                                    **clip_identity(args, clip_model), "optimizer": opt.state_dict(),
+                                    "clip": args.clip, "fingerprint": clip_identity(clip_model),
+                                    "optimizer": opt.state_dict(),
                                     "epoch": epoch, "epochs": args.epochs, "done": epoch == args.epochs,
                                     "args": vars(args)}, out_path)
 
@@ -162,8 +152,7 @@ def main(args):
             for name, value in (("L_prompt", loss), ("L_prompt_I", term_I), ("L_prompt_T", term_T)):
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
         means = {n: common.all_reduce_mean(v / steps, world) for n, v in sums.items()}
-        log(f"epoch {epoch + 1}/{args.epochs} [prompt] " + " ".join(f"{n} {v:.4f}" for n, v in means.items())
-            + f" lr {opt.param_groups[0]['lr']:.2e} time {time.time() - t0:.1f}s")
+        common.epoch_line(log, "prompt", epoch + 1, args.epochs, means, opt.param_groups[0]["lr"], time.time() - t0)
         save(epoch + 1)
     with torch.no_grad():
         u_b = prompts(clip_model)

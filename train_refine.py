@@ -1,66 +1,83 @@
-"""Stage (c) Prompt-guided Semantic Refinement: retrain S with the matching loss plus a term that
-pushes each class's foreground away from that class's learned background prompt.
+"""Stage (c) Prompt-guided Semantic Refinement: retrain S with the matching loss plus a term that pushes
+each class's foreground away from that class's learned background prompt u^b_k (stage b).
 
-    L_total  = L_match + lambda * L_refine,      L_refine = E[ -log(1 - sim(v^f_k, u^b_k)) ]
+    L_total  = L_match + lambda * L_refine,      L_refine = E[ -log(1 - sim(v^f_k, u^b_k)) ]   (Eq. 3)
 
-The prompts (stage b) are fixed; only S trains. S starts from the same CAM network as stage (a)
-(OUT of stage a / init.pt) with the same schedule, so `--lambda_refine 0` is stage (a)'s objective and
-the two are comparable (paper Table 5 sweeps lambda). The refined S alone produces the final CAMs
-(make_pseudo.py).
-The training loop is stage (a)'s (train_match.train), with u^b set.
+The prompts are fixed; only S trains. S starts from the same CAM network as stage (a), with the same
+flags and schedule, so `--lambda_refine 0` is stage (a) exactly (paper Table 5 sweeps lambda). The refined
+S alone produces the final CAMs (make_pseudo.py).
+`--joint` is the paper's Table 6 alternative: no stage (b); the prompts start unlearned and train with
+L_prompt (Eq. 2) in the same steps as S.
 
-Toy world (CPU, about 2 minutes):
+Toy world (CPU, about 1 minute):
     python train_refine.py --dataset toy --device cpu
 Paper, VOC:
-    python train_refine.py --dataset voc --prompts out/voc/prompt/prompts.pt --init out/voc/match/init.pt
+    python train_refine.py --dataset voc --init out/voc/cam/checkpoint.pt --prompts out/voc/prompt/prompts.pt
 
-Writes OUT/checkpoint.pt (resumed from if present), OUT/log.txt, OUT/args.json.
+Reads the CAM network checkpoint, the prompts and the CLIP; writes OUT/checkpoint.pt (resumed from if
+present), OUT/log.txt, OUT/args.json.
 """
 import torch
 
 import common
-import train_match
-from semples import Prompts, load_frozen_clip
-from train_prompt import clip_identity
+import trainer
+from semples import (L_area, L_match, L_prompt, L_refine, Prompts, class_text_features, encode_images, load_frozen_clip,
+                     load_prompt_features, masked_pairs)
 
-
-def _refine(preset, dataset):
-    """Stage (a)'s preset with this stage's paths and lambda; no classification warm-up: S starts from
-    stage (a)'s init.pt, which is already past it."""
-    return {**preset, "out": f"out/{dataset}/refine", "init": f"out/{dataset}/match/init.pt",
-            "prompts": f"out/{dataset}/prompt/prompts.pt", "cls_epochs": 0,
-            "lambda_refine": {"voc": 0.05, "coco": 0.2, "toy": 0.05}[dataset]}
-
-
-PRESETS = {name: _refine(preset, name) for name, preset in train_match.PRESETS.items()}
+PRESETS = common.presets(
+    voc=dict(out="out/voc/refine", init="out/voc/cam/checkpoint.pt", prompts="out/voc/prompt/prompts.pt"),
+    coco=dict(out="out/coco/refine", init="out/coco/cam/checkpoint.pt", prompts="out/coco/prompt/prompts.pt",
+              lambda_b=0.75, lr=5e-6, lambda_refine=0.2, lambda_T=0.01),
+    toy=dict(out="out/toy/refine", init="out/toy/cam/checkpoint.pt", prompts="out/toy/prompt/prompts.pt",
+             batch_size=32, epochs=6, lr=0.008, workers=1, prompt_length=8),
+)
 
 
 def build_parser():
-    p = train_match.build_parser(__doc__)
+    p = trainer.add_flags(common.new_parser(__doc__), epochs=60, lr=5e-4, batch_size=64, matching=True)
     p.add_argument("--prompts", type=str, default=None, help="stage (b) prompts file")
-    p.add_argument("--lambda_refine", type=float, default=0.05, help="lambda, the weight of L_refine")
+    p.add_argument("--lambda_refine", type=common.nonnegative_float, default=0.05,
+                   help="lambda, the weight of L_refine (Eq. 3)")
+    p.add_argument("--joint", action="store_true",
+                   help="paper Table 6: learn the prompts here, jointly with S, instead of reading --prompts")
+    p.add_argument("--lambda_T", type=common.nonnegative_float, default=0.02, help="with --joint: L_prompt's lambda_T")
+    p.add_argument("--prompt_length", type=common.positive_int, default=30, help="with --joint: prompt tokens")
+    p.add_argument("--prompt_lr", type=common.positive_float, default=0.1,
+                   help="with --joint: AdamW lr of the prompts before scaling by batch/512 (stage b's)")
     return p
 
 
-@torch.no_grad()
-def background_features(args, names):
-    """u^b from the saved prompts, re-encoded with this run's CLIP after checking it is the same one."""
-    ckpt = common.load_checkpoint(args.prompts, "prompts", "--prompts")
-    if ckpt["class_names"] != names:
-        raise ValueError(f"--prompts {args.prompts} was learned for {ckpt['num_classes']} classes "
-                         f"{ckpt['class_names'][:3]}..., the dataset has {len(names)} {names[:3]}...")
-    clip_model = load_frozen_clip(args.clip, "cpu")
-    if clip_identity(args, clip_model)["fingerprint"] != ckpt["fingerprint"]:
-        raise ValueError(f"--prompts {args.prompts} was learned with CLIP '{ckpt['clip']}', not with "
-                         f"--clip {args.clip}")
-    prompts = Prompts(clip_model, len(names), ckpt["prompts"].shape[1])
-    prompts.prompts.copy_(ckpt["prompts"])
-    return prompts(clip_model)
-
-
 def main(args):
+    common.seed_everything(args.seed)  # before any weight is initialised
     names = common.read_class_names(args.data, args.dataset)
-    train_match.train(args, u_b=background_features(args, names), stage="refine")
+    device, _, _ = common.setup_device(args.device)
+    clip_model = load_frozen_clip(args.clip, device)
+    u_f = class_text_features(clip_model, names)
+    res = clip_model.visual.input_resolution
+    if args.joint:
+        prompts = Prompts(clip_model, len(names), args.prompt_length)
+        args.prompts = None  # not read
+    else:
+        u_b_fixed = load_prompt_features(args.prompts, clip_model, names)
+
+    # ---------------- the objective: L_total (Eq. 3) ----------------
+    def objective(x, y, cams):
+        X_f, X_b, k, _, M = masked_pairs(x, cams, y, res, args.fill)
+        v_f, v_b = encode_images(clip_model, torch.cat([X_f, X_b])).chunk(2)
+        l_match, fg, bg = L_match(v_f, v_b, u_f[k], args.lambda_b)
+        u_b = prompts(clip_model) if args.joint else u_b_fixed
+        l_refine = L_refine(v_f, u_b[k].detach())
+        area = L_area(M)  # extra term, not in the paper: 0 unless --lambda_area
+        loss = l_match + args.lambda_refine * l_refine + args.lambda_area * area
+        terms = {"L_match": l_match, "fg": fg, "bg": bg, "L_refine": l_refine, "area": area}
+        if args.joint:  # Table 6: stage (b)'s objective in the same step, S's masks held fixed for it
+            terms["L_prompt"] = L_prompt(u_b[k], v_b.detach(), u_f[k], args.lambda_T)[0]
+            loss = loss + terms["L_prompt"]
+        return loss, terms
+    # -----------------------------------------------------------------
+
+    trainer.train(args, objective, "refine", extra=prompts if args.joint else None,
+                  extra_lr=args.prompt_lr)
 
 
 if __name__ == "__main__":

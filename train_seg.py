@@ -1,6 +1,6 @@
 """The standard WSSS evaluation: train a DeepLab-v2 segmenter on the pseudo masks, then predict val.
 
-DeepLab-v2 (the recipe of METHOD.md, "The standard evaluation"): ResNet-101 dilated to output stride 8,
+DeepLab-v2 (the recipe of docs/method.md, "The standard evaluation"): ResNet-101 dilated to output stride 8,
 ASPP = four parallel 3x3 convolutions with rates 6/12/18/24 whose outputs are summed (no BN in the
 head), K+1 outputs (background included). Random scale 0.5-1.5, random crop (pad: mean pixel / ignore
 255), horizontal flip; SGD momentum 0.9, weight decay 5e-4, lr 2.5e-4 with 10x (weights) / 20x (biases)
@@ -32,13 +32,13 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
+from cams import dense_crf
+from metrics import confusion_matrix, default_gt_dir, miou_from_confusion
 from semples import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, build_backbone, load_imagenet_backbone
 
 PRESETS = common.presets(
-    voc=dict(masks="out/voc/pseudo/masks", out="out/voc/seg", backbone="resnet101", crop=321, batch_size=10,
-             iters=20000, lr=2.5e-4, freeze_bn=True, test_scales="0.5,0.75,1.0,1.25"),
-    coco=dict(masks="out/coco/pseudo/masks", out="out/coco/seg", backbone="resnet101", crop=321, batch_size=10,
-              iters=100000, lr=2.5e-4, freeze_bn=True, test_scales="0.5,0.75,1.0,1.25"),
+    voc=dict(masks="out/voc/pseudo/masks", out="out/voc/seg"),
+    coco=dict(masks="out/coco/pseudo/masks", out="out/coco/seg", iters=100000),
     # Toy: random init (no ImageNet weights), so a small ResNet with trainable BN and a higher lr, the same
     # for the head (a 10x head lr destabilises training from scratch: 24 vs 43 mIoU in a short test run).
     toy=dict(masks="out/toy/pseudo/masks", out="out/toy/seg", backbone="tiny", crop=64, batch_size=16,
@@ -46,12 +46,15 @@ PRESETS = common.presets(
              workers=1),
 )
 # Dense CRF of the segmenter's test (DeepLab-v2's VOC setting as in deeplab-pytorch, which WSSS papers reuse);
-# the pseudo-mask CRF of make_pseudo.py uses other parameters.
+# the pseudo-mask CRF of make_pseudo.py (cams.CRF_DEFAULTS) uses other parameters.
 SEG_CRF = dict(gauss_sxy=1, gauss_compat=3, bi_sxy=67, bi_srgb=3, bi_compat=4, iters=10)
+POLY_POWER = 0.9  # lr = base lr * (1 - iteration / iterations) ** POLY_POWER
+ASPP_RATES = (6, 12, 18, 24)  # dilation rates of the four ASPP branches
+SCALE_RANGE = (0.5, 1.5)  # random rescale range of the training images
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.new_parser(__doc__)
     common.add_common_flags(p)
     p.add_argument("--masks", type=str, default=None,
                    help="training masks: folder of {id}.png class-index PNGs, 255 ignored (pseudo masks, or "
@@ -63,21 +66,18 @@ def build_parser():
                    help="ImageNet torchvision state-dict file for the backbone (fc dropped); none = random")
     p.add_argument("--backbone", type=str, default="resnet101", choices=BACKBONES, help="segmenter backbone")
     p.add_argument("--output_stride", type=int, default=8, help="backbone output stride (8 in DeepLab-v2)")
-    p.add_argument("--aspp_rates", type=str, default="6,12,18,24", help="dilation rates of the ASPP branches")
     p.add_argument("--freeze_bn", action=argparse.BooleanOptionalAction, default=True,
                    help="keep backbone BatchNorm in eval mode with frozen affine (DeepLab-v2 with ImageNet init)")
-    p.add_argument("--crop", type=int, default=321, help="training crop size (square)")
-    p.add_argument("--scale_range", type=str, default="0.5,1.5", help="random rescale range for training")
-    p.add_argument("--batch_size", type=int, default=10, help="images per iteration, summed over GPUs")
-    p.add_argument("--iters", type=int, default=20000, help="training iterations")
-    p.add_argument("--lr", type=float, default=2.5e-4, help="SGD lr of the backbone (poly 0.9 decay)")
+    p.add_argument("--crop", type=common.positive_int, default=321, help="training crop size (square)")
+    p.add_argument("--batch_size", type=common.positive_int, default=10, help="images per iteration, summed over GPUs")
+    p.add_argument("--iters", type=common.positive_int, default=20000, help="training iterations")
+    p.add_argument("--lr", type=common.positive_float, default=2.5e-4, help="SGD lr of the backbone (poly 0.9 decay)")
     p.add_argument("--head_lr_mult", type=float, default=10.0,
                    help="lr multiplier of the ASPP weights (its biases get twice this)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay")
-    p.add_argument("--poly_power", type=float, default=0.9, help="poly lr power")
-    p.add_argument("--save_every", type=int, default=1000, help="checkpoint every N iterations")
-    p.add_argument("--log_every", type=int, default=100, help="log line every N iterations")
+    p.add_argument("--save_every", type=common.positive_int, default=1000, help="checkpoint every N iterations")
+    p.add_argument("--log_every", type=common.positive_int, default=100, help="log line every N iterations")
     p.add_argument("--stop_after", type=int, default=0,
                    help="stop (checkpoint saved) after this many iterations in total, schedule unchanged, "
                         "as if killed; rerun to continue (for time-limited jobs); 0 = off")
@@ -88,7 +88,7 @@ def build_parser():
     p.add_argument("--test_scales", type=str, default="0.5,0.75,1.0,1.25", help="inference scales")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="add flipped inputs at test")
     p.add_argument("--crf", action="store_true",
-                   help="dense CRF (SEG_CRF parameters) on the averaged probabilities, via make_pseudo.dense_crf")
+                   help="dense CRF (SEG_CRF parameters) on the averaged probabilities, via cams.dense_crf")
     return p
 
 
@@ -102,7 +102,7 @@ def floats(text):
 class DeepLabV2(nn.Module):
     """Image in [0, 1] -> logits [B, K+1, H/8, W/8]: dilated ResNet, then the sum of four 3x3 atrous convs."""
 
-    def __init__(self, backbone, num_outputs, output_stride=8, rates=(6, 12, 18, 24), freeze_bn=False):
+    def __init__(self, backbone, num_outputs, output_stride=8, rates=ASPP_RATES, freeze_bn=False):
         super().__init__()
         self.backbone, channels = build_backbone(backbone, output_stride)
         self.aspp = nn.ModuleList(nn.Conv2d(channels, num_outputs, 3, padding=r, dilation=r) for r in rates)
@@ -132,8 +132,7 @@ class DeepLabV2(nn.Module):
 
 def build_segmenter(a, num_outputs):
     """The network from an args dict (this run's, or a checkpoint's)."""
-    return DeepLabV2(a["backbone"], num_outputs, a["output_stride"], [int(r) for r in floats(a["aspp_rates"])],
-                     a["freeze_bn"])
+    return DeepLabV2(a["backbone"], num_outputs, a["output_stride"], ASPP_RATES, a["freeze_bn"])
 
 
 def load_imagenet(net, path, backbone):
@@ -244,13 +243,8 @@ def predict_probs(net, image, scales, flip, device, amp):
 def evaluate(net, args, names, device, rank, world, log):
     """Write OUT/pred/{id}.png for the ids of --eval_split (split over processes); score them if the
     ground truth is there. Returns the mIoU (percent) or None."""
-    import eval_miou
-    crf = None
-    if args.crf:
-        from make_pseudo import dense_crf
-        crf = dense_crf
     ids = common.read_ids(args.data, args.eval_split)
-    gt_dir = eval_miou.default_gt_dir(args.data, ids)  # the one eval_miou.py scores against
+    gt_dir = default_gt_dir(args.data, ids)  # the one eval_miou.py scores against
     have_gt = all(os.path.exists(os.path.join(gt_dir, f"{i}.png")) for i in ids)
     K1 = len(names) + 1
     pred_dir = os.path.join(args.out, "pred")
@@ -264,15 +258,15 @@ def evaluate(net, args, names, device, rank, world, log):
     for image, n in common.progress(loader, f"predict {args.eval_split}", rank == 0):
         image, i = image.numpy(), mine[n]
         probs = predict_probs(net, image, scales, args.flip, device, args.amp)
-        if crf is not None:
-            pred = crf(image, probs.numpy(), **SEG_CRF)  # probability unaries (-log p)
+        if args.crf:
+            pred = dense_crf(image, probs.numpy(), **SEG_CRF)  # probability unaries (-log p)
         else:
             pred = probs.argmax(0).numpy()
         pred = np.asarray(pred, np.uint8)
         common.save_mask(os.path.join(pred_dir, f"{i}.png"), pred)
         if have_gt:
             gt_path = os.path.join(gt_dir, f"{i}.png")
-            conf += eval_miou.confusion_matrix(common.read_mask(gt_path), pred, K1, where=gt_path)
+            conf += confusion_matrix(common.read_mask(gt_path), pred, K1, where=gt_path)
     if world > 1:
         t = torch.from_numpy(conf).to(device if device.type == "cuda" else "cpu")
         dist.all_reduce(t)
@@ -282,7 +276,7 @@ def evaluate(net, args, names, device, rank, world, log):
     if not have_gt:
         log(f"no ground truth for every '{args.eval_split}' id in {gt_dir}: not scored")
         return None
-    miou, ious = eval_miou.miou_from_confusion(conf)  # fractions; nan = class absent from gt and pred
+    miou, ious = miou_from_confusion(conf)  # fractions; nan = class absent from gt and pred
     log("IoU " + " ".join(f"{n}={'n/a' if np.isnan(v) else f'{100 * v:.1f}'}"
                           for n, v in zip(["background"] + names, ious)))
     miou = 100 * miou
@@ -294,11 +288,7 @@ def evaluate(net, args, names, device, rank, world, log):
 # Training
 # ----------------------------------------------------------------------------------------------
 def main(args):
-    device, rank, world = common.setup_device(args.device)
-    common.seed_everything(args.seed)
-    log = common.Logger(args.out, rank)
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    names = common.read_class_names(args.data, args.dataset)
+    device, rank, world, log, ckpt_path, names = common.begin(args)
     K = len(names)
 
     if args.eval_only:
@@ -317,7 +307,7 @@ def main(args):
 
     if args.batch_size % world:
         raise ValueError(f"--batch_size {args.batch_size} does not split over {world} processes")
-    data = SegDataset(args.data, args.split, args.masks, K + 1, args.crop, floats(args.scale_range), args.seed)
+    data = SegDataset(args.data, args.split, args.masks, K + 1, args.crop, SCALE_RANGE, args.seed)
     if len(data) < args.batch_size:
         raise ValueError(f"--batch_size {args.batch_size} is larger than the {len(data)} images of '{args.split}'")
     net = build_segmenter(vars(args), K + 1)
@@ -365,7 +355,7 @@ def main(args):
     it = start
     for it, (x, target) in enumerate(common.progress(loader, "train", rank == 0, total=end - start), start + 1):
         for g, m in zip(opt.param_groups, mults):
-            g["lr"] = args.lr * m * (1 - (it - 1) / args.iters) ** args.poly_power
+            g["lr"] = args.lr * m * (1 - (it - 1) / args.iters) ** POLY_POWER
         x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
         # ---------------- algorithm logic ----------------
         with common.autocast(device, args.amp):

@@ -10,7 +10,7 @@ if ROOT not in sys.path:
 
 # Small enough to build in seconds on 2 CPU cores; the stage tests train on it.
 TOY_WORLD = dict(n_train=64, n_val=32, n_train_subset=32, size=64, seed=0, cooccur=0.8, multi=0.25)
-TOY_CLIP = dict(steps=30, batch_size=32, lr=1e-3, bg_pool=8, seed=0, threads=1)
+TOY_CLIP = dict(steps=30, batch_size=32, lr=1e-3, bg_pool=8, cut_pool=32, seed=0, threads=1)
 
 
 @pytest.fixture(scope="session")

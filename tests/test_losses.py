@@ -55,7 +55,7 @@ def test_masked_pairs_one_sample_per_present_class():
     images = torch.rand(2, 3, 8, 8)
     masks = torch.rand(2, 3, 4, 4)
     labels = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
-    X_f, X_b, k, b, M = masked_pairs(images, masks, labels, resolution=8)
+    X_f, X_b, k, b, M = masked_pairs(images, masks, labels, resolution=8, fill="black")
     assert k.tolist() == [0, 2, 1] and b.tolist() == [0, 0, 1]
     m = F.interpolate(masks[1:2, 1:2], size=(8, 8), mode="bilinear", align_corners=False)
     m = (m - m.min()) / (m.max() - m.min() + 1e-5)  # min-max per map
@@ -63,6 +63,28 @@ def test_masked_pairs_one_sample_per_present_class():
     assert torch.allclose(X_f[2], (m * images[1])[0], atol=1e-6)
     assert torch.allclose(X_b[2], ((1 - m) * images[1])[0], atol=1e-6)
     assert torch.allclose(X_f + X_b, images[b], atol=1e-6)
+
+
+def normalise(x):
+    return (x - torch.tensor(clip.MEAN).view(1, 3, 1, 1)) / torch.tensor(clip.STD).view(1, 3, 1, 1)
+
+
+def test_mean_fill_is_the_mask_times_the_normalised_image():
+    """--fill mean (the default): masked-out pixels take CLIP's mean colour, so that what CLIP sees is M times
+    the normalised image, as CLIMS and the release compute it; --fill black: 0 before normalisation."""
+    images = torch.rand(2, 3, 8, 8)
+    masks = torch.rand(2, 3, 4, 4)
+    labels = torch.tensor([[1.0, 1, 0], [0, 1, 1]])
+    X_f, X_b, k, b, M = masked_pairs(images, masks, labels, resolution=8)
+    assert torch.allclose(normalise(X_f), M * normalise(images[b]), atol=1e-5)
+    assert torch.allclose(normalise(X_b), (1 - M) * normalise(images[b]), atol=1e-5)
+    fully_out = M.flatten(1).argmin(1)  # the pixel each mask removes most (M = 0 after min-max)
+    pixel = X_f.flatten(2)[torch.arange(len(k)), :, fully_out]
+    assert torch.allclose(pixel, torch.tensor(clip.MEAN).expand_as(pixel), atol=1e-5)
+    black = masked_pairs(images, masks, labels, resolution=8, fill="black")[0]
+    assert torch.allclose(black.flatten(2)[torch.arange(len(k)), :, fully_out], torch.zeros_like(pixel), atol=1e-5)
+    with pytest.raises(ValueError, match="--fill"):
+        masked_pairs(images, masks, labels, resolution=8, fill="grey")
 
 
 def tiny_clip():

@@ -1,6 +1,6 @@
 """Tests of make_pseudo.py (CAMs -> threshold -> CRF -> palette PNGs) and eval_miou.py (mIoU, threshold
-sweep). Oracles: torchmetrics' multiclass Jaccard index, brute-force per-threshold evaluation, planted
-answers, and ground truth that a CRF must get closer to."""
+sweep), and of their libraries cams.py and metrics.py. Oracles: torchmetrics' multiclass Jaccard index,
+brute-force per-threshold evaluation, planted answers, and ground truth that a CRF must get closer to."""
 import json
 import os
 import re
@@ -16,7 +16,9 @@ from torchmetrics.functional.classification import multiclass_jaccard_index
 import common
 import eval_miou
 import make_pseudo
+import metrics
 import semples
+from cams import crf_probs, dense_crf, load_cams, pseudo_mask, save_cams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,8 +90,8 @@ def test_miou_equals_torchmetrics(tmp_path, capsys, absent):
     ref_macro = 100 * float(tm_reference(pairs, C, "macro"))
     ref_per_class = tm_reference(pairs, C, "none")
 
-    conf = sum(eval_miou.confusion_matrix(g, p, C) for g, p in pairs)
-    miou, iou = eval_miou.miou_from_confusion(conf)
+    conf = sum(metrics.confusion_matrix(g, p, C) for g, p in pairs)
+    miou, iou = metrics.miou_from_confusion(conf)
     assert miou * 100 == pytest.approx(ref_macro, abs=1e-4)
     for c in range(C):
         if c in absent:
@@ -97,7 +99,7 @@ def test_miou_equals_torchmetrics(tmp_path, capsys, absent):
         else:
             assert iou[c] == pytest.approx(float(ref_per_class[c]), abs=1e-6)
     acc = sum((g == p)[g != 255].sum() for g, p in pairs) / sum((g != 255).sum() for g, _ in pairs)
-    assert eval_miou.pixel_accuracy(conf) == pytest.approx(acc)
+    assert metrics.pixel_accuracy(conf) == pytest.approx(acc)
 
     argv = ["--dataset", "toy", "--data", root, "--pred", tmp_path, "--workers", 0 if absent else 2,
             "--chunk", 2, "--json", tmp_path / "res.json"]
@@ -139,12 +141,20 @@ def test_sweep_finds_planted_threshold(tmp_path, capsys):
         classes = sorted(rng.choice(np.arange(1, C), size=1 + n % 3, replace=False).tolist())
         gt, cams = _planted_cams(rng, 30 + n, 40, classes, t)
         common.save_mask(os.path.join(root, "SegmentationClass", f"{i}.png"), gt)
-        make_pseudo.save_cams(str(cam_dir / f"{i}.npz"), cams, classes, gt.shape)
+        save_cams(str(cam_dir / f"{i}.npz"), cams, classes, gt.shape)
     stdout = evaluate(capsys, "--dataset", "toy", "--data", root, "--cams", cam_dir, "--workers", 0)
     assert stdout.splitlines()[-2] == "best threshold: 0.45"
     assert last_miou(stdout) == 100.0
     lines = dict(l.split() for l in stdout.splitlines() if re.fullmatch(r"\s*0\.\d\d\s+\d+\.\d\d", l))
-    assert float(lines["0.44"]) < 100 and float(lines["0.46"]) < 100 and len(lines) == 31
+    assert float(lines["0.44"]) < 100 and float(lines["0.46"]) < 100 and len(lines) == 91  # 0.05..0.95
+    assert "edge of the sweep" not in capsys.readouterr().err
+    narrow = evaluate(capsys, "--dataset", "toy", "--data", root, "--cams", cam_dir, "--workers", 0,
+                      "--t_start", 0.30, "--t_end", 0.40)
+    assert narrow.splitlines()[-2] == "best threshold: 0.40"
+    eval_miou.main(common.parse_args(eval_miou.build_parser(), eval_miou.PRESETS, [
+        "--dataset", "toy", "--data", str(root), "--cams", str(cam_dir), "--workers", "0", "--t_start", "0.30",
+        "--t_end", "0.40"]))
+    assert "edge of the sweep" in capsys.readouterr().err  # the optimum may lie outside: say so
 
 
 def test_sweep_equals_thresholded_pseudo_masks():
@@ -156,10 +166,10 @@ def test_sweep_equals_thresholded_pseudo_masks():
         cams[:, :2, :2] = 0.5  # ties with the threshold 0.5 go to the background, both sides
         gt = rng.integers(0, C, (17, 23)).astype(np.uint8)
         gt[0] = 255
-        sweep = eval_miou.sweep_confusion(gt, cams, classes, thresholds, C)
+        sweep = metrics.sweep_confusion(gt, cams, classes, thresholds, C)
         for n, t in enumerate(thresholds):
-            mask = make_pseudo.pseudo_mask(cams, np.array(classes, int), t)
-            assert np.array_equal(sweep[n], eval_miou.confusion_matrix(gt, mask, C)), (classes, t)
+            mask = pseudo_mask(cams, np.array(classes, int), t)
+            assert np.array_equal(sweep[n], metrics.confusion_matrix(gt, mask, C)), (classes, t)
 
 
 def test_bad_input_names_the_file(tmp_path, capsys):
@@ -189,9 +199,9 @@ def test_bad_input_names_the_file(tmp_path, capsys):
     out = run("eval_miou.py", *argv)  # the command line: a non-zero exit naming the missing file
     assert out.returncode != 0 and "missing" in out.stderr and str(pred / "b.png") in out.stderr, out.stderr
     with pytest.raises(ValueError, match="x.png"):
-        eval_miou.confusion_matrix(np.full((3, 3), 7, np.uint8), np.zeros((3, 3), np.uint8), C, "x.png")
+        metrics.confusion_matrix(np.full((3, 3), 7, np.uint8), np.zeros((3, 3), np.uint8), C, "x.png")
     with pytest.raises(ValueError, match="cam.npz"):
-        eval_miou.sweep_confusion(np.zeros((3, 3)), np.zeros((1, 3, 4)), [1], [0.5], C, "cam.npz")
+        metrics.sweep_confusion(np.zeros((3, 3)), np.zeros((1, 3, 4)), [1], [0.5], C, "cam.npz")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,20 +223,20 @@ def test_crf_improves_a_noisy_mask():
     for _ in range(25):  # scattered small blobs
         y, x = rng.integers(0, h - 3), rng.integers(0, w - 3)
         noisy[y:y + 3, x:x + 3] = rng.integers(0, 3)
-    refined = make_pseudo.dense_crf(image, noisy, 3, gt_prob=0.7)
+    refined = dense_crf(image, noisy, 3, gt_prob=0.7)
     assert refined.shape == gt.shape and refined.dtype == np.int64
 
     def scores(pred):
-        conf = eval_miou.confusion_matrix(gt, pred, 3)
-        return eval_miou.miou_from_confusion(conf)[0], eval_miou.pixel_accuracy(conf)
+        conf = metrics.confusion_matrix(gt, pred, 3)
+        return metrics.miou_from_confusion(conf)[0], metrics.pixel_accuracy(conf)
     (m0, a0), (m1, a1) = scores(noisy), scores(refined)
     assert m1 > m0 + 0.05 and a1 > a0 + 0.03, (m0, m1, a0, a1)
     # the probability form (train_seg.py's post-processing) agrees on clean input
     probs = np.eye(3, dtype=np.float32)[gt].transpose(2, 0, 1) * 0.8 + 0.2 / 3
-    assert (make_pseudo.dense_crf(image, probs) == gt).mean() > 0.98
-    assert make_pseudo.crf_probs(image, probs).shape == (3, h, w)
+    assert (dense_crf(image, probs) == gt).mean() > 0.98
+    assert crf_probs(image, probs).shape == (3, h, w)
     with pytest.raises(ValueError, match="differ"):
-        make_pseudo.dense_crf(image, gt[:, :5], 3)
+        dense_crf(image, gt[:, :5], 3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,9 +331,9 @@ def test_batching_storage_and_resume(tmp_path):
     ids = common.read_ids(w["root"], "train_aug")
     assert not os.path.exists(tmp_path / "b4" / "masks")
     for i in ids:
-        a, ca = make_pseudo.load_cams(str(tmp_path / "b4" / "cams" / f"{i}.npz"))
-        b, cb = make_pseudo.load_cams(str(tmp_path / "b1" / "cams" / f"{i}.npz"))
-        c, cc = make_pseudo.load_cams(str(tmp_path / "half" / "cams" / f"{i}.npz"))
+        a, ca = load_cams(str(tmp_path / "b4" / "cams" / f"{i}.npz"))
+        b, cb = load_cams(str(tmp_path / "b1" / "cams" / f"{i}.npz"))
+        c, cc = load_cams(str(tmp_path / "half" / "cams" / f"{i}.npz"))
         assert ca.tolist() == cb.tolist() == cc.tolist() and a.shape == b.shape == c.shape
         assert np.abs(a - b).max() < 2e-3
         assert np.abs(a - c).mean() < 0.05

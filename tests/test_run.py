@@ -1,5 +1,7 @@
 """run.sh end to end on a very small toy configuration: every step runs, the table is printed with
-numbers, and a second run skips the finished steps."""
+numbers, results.json holds them, a second run skips the finished steps, and a changed flag redoes its
+step and every step after it."""
+import json
 import os
 import re
 import subprocess
@@ -8,9 +10,9 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {
     "TOY_ARGS": "--n_train 48 --n_val 16 --n_train_subset 16 --size 64 --clip_steps 20 --clip_batch 32",
-    "MATCH_ARGS": "--cls_epochs 1 --epochs 1 --batch_size 16 --size 64 --workers 0",
-    "REFINE_ARGS": "--epochs 1 --batch_size 16 --size 64 --workers 0",
-    "PROMPT_ARGS": "--epochs 2 --batch_size 16 --size 64 --workers 0",
+    "CAM_ARGS": "--epochs 1 --batch_size 16 --size 64 --workers 0",
+    "MATCH_ARGS": "--epochs 1 --batch_size 16 --workers 0",
+    "PROMPT_ARGS": "--epochs 2 --batch_size 16 --workers 0",
     "PSEUDO_ARGS": "--workers 0",
     "SEG_ARGS": "--iters 10 --crop 48 --batch_size 8 --workers 0",
 }
@@ -22,12 +24,32 @@ def test_run_sh_prints_the_table(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     number = r"\d{1,3}\.\d\d"
-    for row in ("CAM network before matching", "stage (a) only: L_match", "SemPLeS (a)+(b)+(c)"):
+    for row in ("CAM network", "stage (a) only: L_match", "SemPLeS (a)+(b)+(c)"):
         assert re.search(rf"^{re.escape(row)}\s+{number} t=0\.\d+\s+{number}$", proc.stdout, re.M), proc.stdout
     assert re.search(rf"^segmenter on pseudo masks, val\s+{number}$", proc.stdout, re.M), proc.stdout
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    for key in ("cam", "a", "c"):
+        assert f"{results[key]['seed_miou']:10.2f}" in proc.stdout and 0 <= results[key]["pseudo_miou"] <= 100
+    assert f"{results['segmenter_val_miou']:.2f}" in proc.stdout
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "== match: done, skipped" in again.stdout
-    assert again.stdout.splitlines()[-4:] == proc.stdout.splitlines()[-4:]
+    assert again.stdout.splitlines()[-5:] == proc.stdout.splitlines()[-5:]
+    # another prompt flag: stage (b) and everything after it are redone, the steps before it are not
+    changed = subprocess.run(cmd, cwd=REPO, env={**env, "PROMPT_ARGS": SMALL["PROMPT_ARGS"] + " --lambda_T 0.05"},
+                             capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
+    assert "== match: done, skipped" in changed.stdout and "== prompt: its command" in changed.stdout
+    assert "== refine: its command" in changed.stdout and "== seg: its command" in changed.stdout
+
+
+def test_run_sh_never_writes_into_a_users_dataset(tmp_path):
+    """--toy DIR that is not a make_toy world and has no class_names.txt is refused, untouched."""
+    user = tmp_path / "mydata"
+    (user / "JPEGImages").mkdir(parents=True)
+    proc = subprocess.run(["bash", os.path.join(REPO, "run.sh"), "--toy", str(user), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "neither a make_toy world" in proc.stderr
+    assert sorted(os.listdir(user)) == ["JPEGImages"]
 
 
 def test_run_sh_refuses_unknown_flags_and_missing_data(tmp_path):

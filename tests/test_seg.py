@@ -1,7 +1,7 @@
 """train_seg.py (DeepLab-v2 on pseudo or ground-truth masks) on the small toy world: the architecture is
 DeepLab-v2's, it runs as a script and writes what eval_miou.py scores, it learns (far above trivial
 predictors), it resumes exactly, and it refuses bad input clearly.
-Oracles: eval_miou.py's CLI and metric, torchvision's ResNet, trivial constant predictors."""
+Oracles: eval_miou.py's CLI and metrics.py, torchvision's ResNet, trivial constant predictors."""
 import os
 import re
 import shutil
@@ -16,6 +16,7 @@ from PIL import Image
 
 import common
 import eval_miou
+import metrics
 import train_seg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,8 +110,8 @@ def test_learns_far_above_trivial(trained, toy_world):
     root, K1 = toy_world["root"], toy_world["num_classes"] + 1
     gts = [common.read_mask(os.path.join(root, "SegmentationClass", f"{i}.png"))
            for i in common.read_ids(root, "val")]
-    trivial = max(100 * eval_miou.miou_from_confusion(
-        sum(eval_miou.confusion_matrix(g, np.full_like(g, c), K1) for g in gts))[0] for c in range(K1))
+    trivial = max(100 * metrics.miou_from_confusion(
+        sum(metrics.confusion_matrix(g, np.full_like(g, c), K1) for g in gts))[0] for c in range(K1))
     miou = float(re.search(r"^mIoU: ([\d.]+)$", trained["stdout"], re.M).group(1))
     assert miou >= 2 * trivial and miou >= trivial + 15, f"mIoU {miou:.2f} vs trivial {trivial:.2f}"
 

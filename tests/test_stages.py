@@ -1,5 +1,6 @@
-"""Stages (a) -> (b) -> (c) on the small toy world: they run as scripts, hand files to each other,
-lower their losses, leave CLIP untouched, resume exactly, and refuse bad input clearly."""
+"""CAM network -> stages (a) -> (b) -> (c) on the small toy world: they run as scripts, hand files to each
+other, lower their losses, leave CLIP untouched, train what they say, resume exactly, and refuse bad input
+clearly."""
 import json
 import os
 import re
@@ -12,11 +13,13 @@ import torch
 
 import common
 import semples
+import train_cam
 import train_match
 import train_prompt
+import train_refine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--dataset", "toy", "--device", "cpu", "--workers", "0", "--batch_size", "16", "--size", "64"]
+FAST = ["--dataset", "toy", "--device", "cpu", "--workers", "0"]
 
 
 def run(script, *args, ok=True):
@@ -36,41 +39,47 @@ def stages(toy_world, tmp_path_factory):
     """Run (a) -> (b) -> (c) once as subprocesses, as a user would."""
     out = tmp_path_factory.mktemp("stages")
     data = ["--data", toy_world["root"], "--clip", toy_world["clip"]]
-    a = run("train_match.py", *FAST, *data, "--out", str(out / "match"), "--cls_epochs", "3", "--epochs", "4")
+    cam = run("train_cam.py", *FAST, "--data", toy_world["root"], "--out", str(out / "cam"), "--epochs", "3",
+              "--batch_size", "16", "--size", "64")
+    init = ["--init", str(out / "cam" / "checkpoint.pt"), "--batch_size", "16"]
+    a = run("train_match.py", *FAST, *data, *init, "--out", str(out / "match"), "--epochs", "4")
     b = run("train_prompt.py", *FAST, *data, "--match", str(out / "match" / "checkpoint.pt"),
             "--out", str(out / "prompt"), "--epochs", "8", "--prompt_length", "8")
-    c = run("train_refine.py", *FAST, *data, "--init", str(out / "match" / "init.pt"),
-            "--prompts", str(out / "prompt" / "prompts.pt"), "--out", str(out / "refine"), "--epochs", "2")
-    return {"out": out, "logs": (a.stdout, b.stdout, c.stdout), "data": data}
+    c = run("train_refine.py", *FAST, *data, *init, "--prompts", str(out / "prompt" / "prompts.pt"),
+            "--out", str(out / "refine"), "--epochs", "2")
+    return {"out": out, "logs": (cam.stdout, a.stdout, b.stdout, c.stdout), "data": data, "init": init}
 
 
 def test_stages_write_what_the_next_reads(stages, toy_world):
     out = stages["out"]
     S, ckpt = semples.load_mask_generator(str(out / "refine" / "checkpoint.pt"), "cpu")
     assert ckpt["done"] and ckpt["stage"] == "refine" and ckpt["num_classes"] == toy_world["num_classes"]
+    assert ckpt["args"]["size"] == 64 and ckpt["args"]["backbone"] == "tiny"  # the CAM network's, carried on
     prompts = common.load_checkpoint(str(out / "prompt" / "prompts.pt"), "prompts")
     assert prompts["prompts"].shape == (toy_world["num_classes"], 8, prompts["prompts"].shape[2])
     assert prompts["class_names"] == toy_world["class_names"]
-    for stage in ("match", "prompt", "refine"):
+    for stage in ("cam", "match", "prompt", "refine"):
         assert (out / stage / "log.txt").exists()
         assert json.loads((out / stage / "args.json").read_text())["dataset"] == "toy"
 
 
 def test_losses_fall(stages):
-    a, b, _ = stages["logs"]
-    cls = epoch_values(a, "L_cls", "cls-warmup")
-    assert cls[-1] < cls[0], a
+    cam, a, b, c = stages["logs"]
+    cls = epoch_values(cam, "L_cls", "cam")
+    assert len(cls) == 3 and cls[-1] < cls[0], cam
     prompt = epoch_values(b, "L_prompt", "prompt")
     assert len(prompt) == 8 and prompt[-1] < prompt[0], b
-    match = epoch_values(a, "L_match", "match")
+    match = epoch_values(a, "loss", "match")
     assert len(match) == 4 and all(v == v for v in match)  # finite and logged every epoch
     assert min(match[1:]) < match[0], a
+    refine = epoch_values(c, "L_refine", "refine")
+    assert len(refine) == 2 and all(v == v for v in refine), c
 
 
 def small_args(module, toy_world, out, **over):
-    argv = FAST + ["--data", toy_world["root"], "--clip", toy_world["clip"], "--out", str(out)]
+    argv = FAST + ["--data", toy_world["root"], "--clip", toy_world["clip"], "--out", str(out), "--batch_size", "16"]
     for k, v in over.items():
-        argv += [f"--{k}", str(v)]
+        argv += [f"--{k}"] + ([] if v is True else [str(v)])  # True: a switch
     return common.parse_args(module.build_parser(), module.PRESETS, argv)
 
 
@@ -88,16 +97,35 @@ def spy_on_clip(module, monkeypatch):
     return seen
 
 
-def test_clip_frozen_and_only_S_trains(toy_world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("part", ["head", "all"])
+def test_clip_frozen_and_only_S_trains(stages, toy_world, tmp_path, monkeypatch, part):
+    """--train head changes the 1x1 classifier only (backbone weights and BN statistics untouched);
+    --train all changes the backbone too; CLIP never changes."""
     seen = spy_on_clip(train_match, monkeypatch)
-    args = small_args(train_match, toy_world, tmp_path, cls_epochs=0, epochs=1)
-    train_match.train(args)
+    cam = stages["out"] / "cam" / "checkpoint.pt"
+    train_match.main(small_args(train_match, toy_world, tmp_path, init=cam, epochs=1, train=part))
     after = seen["clip"].state_dict()
     assert all(torch.equal(seen["before"][k], after[k]) for k in after)
     assert not any(p.requires_grad for p in seen["clip"].parameters())
-    init = torch.load(tmp_path / "init.pt", weights_only=True)["model"]
+    init = torch.load(cam, weights_only=True)["model"]
     final = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
-    assert any(not torch.equal(init[k], final[k]) for k in final if k.endswith("weight"))
+    changed = {k for k in final if not torch.equal(init[k], final[k])}
+    assert "classifier.weight" in changed
+    if part == "head":
+        assert changed == {"classifier.weight"}, changed
+    else:
+        assert any(k.startswith("backbone.") and k.endswith("weight") for k in changed), changed
+
+
+def test_joint_training_learns_prompts_with_S(stages, toy_world, tmp_path):
+    """Table 6's joint run: no prompts file is read; the prompts saved with S moved from their init."""
+    train_refine.main(small_args(train_refine, toy_world, tmp_path, init=stages["out"] / "cam" / "checkpoint.pt",
+                                 epochs=1, joint=True, prompt_length=4))
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    torch.manual_seed(504)
+    start = semples.Prompts(semples.load_frozen_clip(toy_world["clip"], "cpu"), toy_world["num_classes"], 4)
+    assert ckpt["extra"]["prompts"].shape == start.prompts.shape
+    assert not torch.equal(ckpt["extra"]["prompts"], start.prompts.detach())
 
 
 def test_only_prompts_train_in_stage_b(stages, toy_world, tmp_path, monkeypatch):
@@ -117,9 +145,20 @@ def test_only_prompts_train_in_stage_b(stages, toy_world, tmp_path, monkeypatch)
     assert p0.shape == p2.shape and not torch.equal(p0, p2)
 
 
-def test_resume_equals_uninterrupted(toy_world, tmp_path, monkeypatch):
-    full = small_args(train_match, toy_world, tmp_path / "full", cls_epochs=1, epochs=1)
-    train_match.train(full)
+def test_same_seed_same_cam_network(toy_world, tmp_path):
+    """A stage run twice with one seed on CPU gives the same weights (initialisation included)."""
+    for name in ("a", "b"):
+        train_cam.main(common.parse_args(train_cam.build_parser(), train_cam.PRESETS, FAST + [
+            "--data", toy_world["root"], "--out", str(tmp_path / name), "--epochs", "1", "--batch_size", "16",
+            "--size", "64"]))
+    a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True)["model"] for n in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_equals_uninterrupted(stages, toy_world, tmp_path, monkeypatch):
+    cam = stages["out"] / "cam" / "checkpoint.pt"
+    full = small_args(train_match, toy_world, tmp_path / "full", init=cam, epochs=2, train="all")
+    train_match.main(full)
 
     real_save = common.save_checkpoint
     calls = {"n": 0}
@@ -130,13 +169,16 @@ def test_resume_equals_uninterrupted(toy_world, tmp_path, monkeypatch):
             calls["n"] += 1
             raise KeyboardInterrupt("simulated kill")
 
-    part = small_args(train_match, toy_world, tmp_path / "part", cls_epochs=1, epochs=1)
+    part = small_args(train_match, toy_world, tmp_path / "part", init=cam, epochs=2, train="all")
     monkeypatch.setattr(common, "save_checkpoint", killed_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train_match.train(part)
+        train_match.main(part)
     monkeypatch.setattr(common, "save_checkpoint", real_save)
     assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    train_match.train(part)
+    changed = small_args(train_match, toy_world, tmp_path / "part", init=cam, epochs=2, train="all", lr=0.1)
+    with pytest.raises(ValueError, match="other flags.*--lr"):
+        train_match.main(changed)  # resuming with another lr would mix two experiments
+    train_match.main(part)
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
@@ -159,9 +201,22 @@ def test_bad_input_errors(stages, toy_world, tmp_path):
     bad = torch.load(out / "prompt" / "prompts.pt", weights_only=True)
     bad["prompts"], bad["class_names"], bad["num_classes"] = bad["prompts"][:2], bad["class_names"][:2], 2
     common.save_checkpoint(bad, tmp_path / "two.pt")
-    p = run("train_refine.py", *FAST, *data, "--init", str(out / "match" / "init.pt"), "--prompts",
+    p = run("train_refine.py", *FAST, *data, *stages["init"], "--prompts",
             str(tmp_path / "two.pt"), "--out", str(tmp_path / "c"), ok=False)
-    assert p.returncode != 0 and "2 classes" in p.stderr
+    assert p.returncode != 0 and "was learned for classes" in p.stderr
+    # prompts learned with another CLIP (any weight differs)
+    other = tmp_path / "other_clip.pt"
+    obj = torch.load(toy_world["clip"], weights_only=True)
+    obj["state_dict"]["visual.proj"] = obj["state_dict"]["visual.proj"] * 1.01
+    torch.save(obj, other)
+    p = run("train_refine.py", *FAST, "--data", toy_world["root"], "--clip", str(other), *stages["init"],
+            "--prompts", str(out / "prompt" / "prompts.pt"), "--out", str(tmp_path / "c2"), ok=False)
+    assert p.returncode != 0 and "another CLIP" in p.stderr
+    # zero or negative epochs, and abbreviated flags, are refused at parse time
+    for bad_flag in (["--epochs", "0"], ["--lr", "-1"], ["--epoch", "1"]):
+        p = run("train_match.py", *FAST, *data, *stages["init"], "--out", str(tmp_path / "z"), *bad_flag, ok=False)
+        assert p.returncode == 2 and bad_flag[0] in p.stderr, p.stderr
+    assert not (tmp_path / "z" / "checkpoint.pt").exists()
     # an empty label row
     root = tmp_path / "data"
     shutil.copytree(toy_world["root"], root)
@@ -169,6 +224,5 @@ def test_bad_input_errors(stages, toy_world, tmp_path):
     first = common.read_ids(str(root), "train_aug")[0]
     labels[first] = []
     (root / "cls_labels.json").write_text(json.dumps(labels))
-    p = run("train_match.py", *FAST, "--data", str(root), "--clip", toy_world["clip"], "--out",
-            str(tmp_path / "a"), ok=False)
+    p = run("train_cam.py", *FAST, "--data", str(root), "--out", str(tmp_path / "a"), "--size", "64", ok=False)
     assert p.returncode != 0 and "empty label row" in p.stderr and first in p.stderr

@@ -126,7 +126,7 @@ def test_short_pretraining_lowers_the_loss(toy_world):
 
 def test_pretraining_is_deterministic(toy_world, tmp_path):
     def run(name):
-        return make_toy.pretrain_clip(toy_world["root"], str(tmp_path / name), steps=3, batch_size=16, bg_pool=2,
+        return make_toy.pretrain_clip(toy_world["root"], str(tmp_path / name), steps=3, batch_size=16, bg_pool=2, cut_pool=8,
                                       threads=1, evaluate=False, quiet=True)["loss_history"]
     assert run("a.pt") == run("b.pt")
 

@@ -1,0 +1,143 @@
+"""The paper's ablations on one dataset, each cell a mean +- std of seed mIoU (train list, best threshold of a
+sweep) over pipeline seeds:
+    Table 4  L_match only | + L_refine with unlearned prompts | + L_prompt^T only | + L_prompt^I only | all
+    Table 5  lambda = 0, 0.01, 0.02, 0.05, 0.1
+    Table 6  sequential (a) -> (b) -> (c)  vs  joint training of S and the prompts
+
+Toy world (2-core CPU, about 40 minutes for 3 seeds; data/toy must exist: `python make_toy.py`):
+    python ablate.py --dataset toy --seeds 0 1 2 --out out/toy_ablate
+
+It runs the stage scripts as a user would (train_cam, train_match, train_prompt, train_refine, make_pseudo
+--cams_only, eval_miou --cams), one folder per run under OUT/seed{S}/, and reuses finished runs (each stage
+resumes or skips from its own checkpoint). Writes OUT/ablations.json (every run's seed mIoU and each cell's
+mean and std) and prints the three tables. Extra flags for every S-training stage go through --match_args.
+"""
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import common
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LAMBDAS = (0.01, 0.02, 0.05, 0.1)
+# run name -> (prompt variant or None, stage (c) flags); "a" is stage (a) itself (L_match only, lambda 0)
+PROMPTS = {"all": [], "unlearned": ["--epochs", "0"], "T_only": ["--no-image_term"], "I_only": ["--lambda_T", "0"]}
+
+
+def refine_runs(lambda_preset):
+    runs = {f"c_{p}": (p, []) for p in PROMPTS}
+    runs.update({f"c_lambda{lam}": ("all", ["--lambda_refine", str(lam)]) for lam in LAMBDAS
+                 if lam != lambda_preset})
+    runs["joint"] = (None, ["--joint"])
+    return runs
+
+
+def build_parser():
+    p = common.new_parser(__doc__)
+    p.add_argument("--data", type=str, default=None, help="dataset root (preset sets it)")
+    p.add_argument("--clip", type=str, default=None, help="CLIP name or file (preset sets it)")
+    p.add_argument("--out", type=str, default=None, help="output folder")
+    p.add_argument("--device", type=str, default="cpu", help="device of every stage")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pipeline seeds")
+    p.add_argument("--lambda_refine", type=common.nonnegative_float, default=None,
+                   help="stage (c)'s preset lambda (the 'all' row); default: train_refine.py's for the dataset")
+    p.add_argument("--match_args", type=str, default="", help="extra flags for train_match and train_refine")
+    p.add_argument("--cam_args", type=str, default="", help="extra flags for train_cam")
+    p.add_argument("--prompt_args", type=str, default="", help="extra flags for train_prompt")
+    return p
+
+
+PRESETS = common.presets(toy=dict(out="out/toy_ablate", lambda_refine=0.05),
+                         voc=dict(out="out/voc_ablate", lambda_refine=0.05),
+                         coco=dict(out="out/coco_ablate", lambda_refine=0.2))
+
+
+def run(log, *cmd):
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, *cmd], cwd=HERE, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    log(f"  {time.time() - t0:6.1f}s  {' '.join(cmd)}")
+    return proc.stdout
+
+
+def seed_miou(log, base, name, ckpt, out):
+    """Seed mIoU of S's CAMs on the train list (best threshold of a 0.05-0.95 sweep)."""
+    result = os.path.join(out, name, "seed.json")
+    if not os.path.exists(result):
+        run(log, "make_pseudo.py", *base, "--checkpoint", ckpt, "--split", "train", "--out",
+            os.path.join(out, name), "--cams_only")
+        run(log, "eval_miou.py", "--dataset", base[1], "--data", base[3], "--split", "train", "--cams",
+            os.path.join(out, name, "cams"), "--t_start", "0.05", "--t_end", "0.95", "--json", result)
+    with open(result) as f:
+        return json.load(f)["miou"]
+
+
+def one_seed(args, seed, log):
+    out = os.path.join(args.out, f"seed{seed}")
+    base = ["--dataset", args.dataset, "--data", args.data, "--device", args.device, "--seed", str(seed)]
+    clip_flag = ["--clip", args.clip]
+    m_args, c_args, p_args = (shlex.split(a) for a in (args.match_args, args.cam_args, args.prompt_args))
+    cam = os.path.join(out, "cam", "checkpoint.pt")
+    run(log, "train_cam.py", *base, "--out", os.path.join(out, "cam"), *c_args)
+    miou = {"cam": seed_miou(log, base, "seeds_cam", cam, out)}
+    run(log, "train_match.py", *base, *clip_flag, "--init", cam, "--out", os.path.join(out, "a"), *m_args)
+    miou["a"] = seed_miou(log, base, "seeds_a", os.path.join(out, "a", "checkpoint.pt"), out)
+    for p, flags in PROMPTS.items():
+        run(log, "train_prompt.py", *base, *clip_flag, "--match", os.path.join(out, "a", "checkpoint.pt"),
+            "--out", os.path.join(out, f"prompt_{p}"), *p_args, *flags)
+    for name, (p, flags) in refine_runs(args.lambda_refine).items():
+        prompts = ["--prompts", os.path.join(out, f"prompt_{p}", "prompts.pt")] if p else []
+        run(log, "train_refine.py", *base, *clip_flag, "--init", cam, "--out", os.path.join(out, name),
+            "--lambda_refine", str(args.lambda_refine), *prompts, *m_args, *flags)
+        miou[name] = seed_miou(log, base, f"seeds_{name}", os.path.join(out, name, "checkpoint.pt"), out)
+    return miou
+
+
+def tables(lam):
+    """(title, [(row label, run name)]) of the paper's Tables 4, 5 and 6."""
+    lam_rows = [("lambda 0 (L_match only)", "a")] + [
+        (f"lambda {v}", "c_all" if v == lam else f"c_lambda{v}") for v in LAMBDAS]
+    if lam not in LAMBDAS:
+        lam_rows.append((f"lambda {lam} (preset)", "c_all"))
+    return [
+        ("Table 4: losses", [("CAM network (start of a and c)", "cam"), ("L_match only", "a"),
+                             ("+ L_refine, unlearned prompts", "c_unlearned"), ("+ L_prompt^T only", "c_T_only"),
+                             ("+ L_prompt^I only", "c_I_only"), ("all (SemPLeS)", "c_all")]),
+        ("Table 5: lambda", lam_rows),
+        ("Table 6: training", [("sequential a -> b -> c", "c_all"), ("joint", "joint")]),
+    ]
+
+
+def main(args):
+    args.clip = args.clip or common.DATASETS[args.dataset]["clip"]
+    log = common.Logger(args.out)
+    common.save_args(args, args.out)
+    per_seed = {}
+    for seed in args.seeds:
+        log(f"seed {seed}")
+        per_seed[seed] = one_seed(args, seed, log)
+    names = per_seed[args.seeds[0]].keys()
+    cells = {n: {"mean": float(np.mean([per_seed[s][n] for s in args.seeds])),
+                 "std": float(np.std([per_seed[s][n] for s in args.seeds])),
+                 "per_seed": [per_seed[s][n] for s in args.seeds]} for n in names}
+    report = {"dataset": args.dataset, "seeds": args.seeds, "lambda_refine": args.lambda_refine,
+              "metric": "seed mIoU %, train list, best threshold of a 0.05-0.95 sweep", "runs": cells,
+              "tables": {title: {label: cells[n] for label, n in rows} for title, rows in tables(args.lambda_refine)}}
+    with common.atomic_path(os.path.join(args.out, "ablations.json")) as tmp, open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    for title, rows in tables(args.lambda_refine):
+        log(f"\n{title} (seed mIoU, mean +- std over seeds {args.seeds})")
+        for label, n in rows:
+            log(f"  {label:34s} {cells[n]['mean']:6.2f} +- {cells[n]['std']:.2f}   "
+                + " ".join(f"{v:.2f}" for v in cells[n]["per_seed"]))
+    log(f"written: {os.path.join(args.out, 'ablations.json')}")
+
+
+if __name__ == "__main__":
+    main(common.parse_args(build_parser(), PRESETS))

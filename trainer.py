@@ -1,0 +1,117 @@
+"""The one training loop for the mask generator S, shared by train_cam.py (the CAM network),
+train_match.py (stage a) and train_refine.py (stage c). A stage hands it its objective,
+`objective(x, y, cams) -> (loss, {name: term})`; everything else is here: data, S, the optimizer and its
+cosine, DDP, bf16 autocast, resume, checkpoints and the epoch line in OUT/log.txt.
+
+Nothing in this file decides what S learns: read the stage files for that.
+"""
+import argparse
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+from semples import FILLS, load_mask_generator
+
+
+def add_flags(p, epochs, lr, batch_size, matching=False):
+    """Flags every S-training stage has; defaults are the paper's VOC values for that stage. `matching`
+    adds those of stages (a) and (c), which both train S against the frozen CLIP."""
+    common.add_common_flags(p)
+    p.add_argument("--split", type=str, default="train_aug", help="image list S trains on")
+    p.add_argument("--out", type=str, default=None, help="output folder")
+    p.add_argument("--batch_size", type=common.positive_int, default=batch_size,
+                   help="images per step, summed over GPUs")
+    p.add_argument("--epochs", type=common.positive_int, default=epochs, help="training epochs")
+    p.add_argument("--lr", type=common.positive_float, default=lr,
+                   help="AdamW lr before scaling by batch/512, as in the authors' release (cosine, no warm-up)")
+    p.add_argument("--weight_decay", type=common.nonnegative_float, default=0.03, help="AdamW weight decay")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from OUT/checkpoint.pt if present (refused if result-shaping flags changed)")
+    if matching:
+        p.add_argument("--clip", type=str, default=None, help="CLIP model name (e.g. ViT-B/32) or checkpoint path")
+        p.add_argument("--init", type=str, default=None, help="checkpoint of S to start from (the CAM network)")
+        p.add_argument("--train", type=str, default="head", choices=("head", "all"),
+                       help="what of S trains: the 1x1 classifier on fixed features (the release), or everything")
+        p.add_argument("--fill", type=str, default="mean", choices=FILLS,
+                       help="masked-out pixels: CLIP's mean colour (the mask multiplies the normalised image, "
+                            "as CLIMS and the release do) or black")
+        p.add_argument("--lambda_b", type=common.nonnegative_float, default=2.4,
+                       help="weight of the background term of L_match (Eq. 1)")
+        p.add_argument("--lambda_area", type=common.nonnegative_float, default=0.0,
+                       help="weight of CLIMS's area term mean(M), not in the paper (0 = off): it keeps M from "
+                            "covering the whole image, L_match's trivial minimum")
+    return p
+
+
+def train(args, objective, stage, S=None, extra=None, extra_lr=None):
+    """Train S (built by the caller, or rebuilt from the --init checkpoint) with `objective` for
+    args.epochs. `extra`: another module trained alongside S at `extra_lr` (the prompts, in joint
+    training); saved in the checkpoint as "extra". Writes OUT/checkpoint.pt every epoch; returns its path."""
+    device, rank, world, log, ckpt_path, names = common.begin(args)
+    K = len(names)
+    if S is None:
+        S, init = load_mask_generator(args.init, "cpu", "--init", names)
+        for k in ("backbone", "output_stride", "size"):  # S keeps its architecture and input size
+            setattr(args, k, init["args"][k])
+    S.set_trainable(getattr(args, "train", "all"))
+    S = S.to(device)
+    data = common.ClsDataset(args.data, args.split, K, args.size, augment=True, seed=args.seed)
+    sampler = torch.utils.data.DistributedSampler(data, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(data, args.batch_size // world, sampler=sampler, drop_last=True,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    if len(loader) == 0:
+        raise ValueError(f"--batch_size {args.batch_size} is larger than the {len(data)} images of '{args.split}'")
+    groups = [{"params": [p for p in S.parameters() if p.requires_grad], "lr_scale": 1.0}]
+    if extra is not None:
+        extra = extra.to(device)
+        groups.append({"params": list(extra.parameters()), "lr_scale": extra_lr / args.lr})
+    opt = torch.optim.AdamW(groups, lr=0.0, weight_decay=args.weight_decay)
+
+    start = 0
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = common.load_checkpoint(ckpt_path, "mask_generator", "--out")
+        common.check_resume(ckpt["args"], vars(args), ckpt_path)
+        S.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if extra is not None:
+            extra.load_state_dict(ckpt["extra"])
+        start = ckpt["epoch"]
+        log(f"resumed from {ckpt_path} at epoch {start}/{args.epochs}")
+    elif rank == 0:
+        common.save_args(args, args.out)
+    model = DDP(S, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else S
+
+    base_lr, steps = args.lr * args.batch_size / 512, len(loader)
+    for epoch in range(start, args.epochs):
+        sampler.set_epoch(epoch)
+        data.epoch = epoch
+        model.train()
+        sums, t0 = {}, time.time()
+        for it, (x, y, _) in enumerate(common.progress(loader, f"{stage} epoch {epoch + 1}", rank == 0)):
+            lr = common.cosine_lr(base_lr, epoch * steps + it, args.epochs * steps)
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with common.autocast(device, args.amp):
+                loss, terms = objective(x, y, model(x))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} step {it}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for name, value in {"loss": loss, **terms}.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+        means = {n: common.all_reduce_mean(v / steps, world) for n, v in sums.items()}
+        common.epoch_line(log, stage, epoch + 1, args.epochs, means, lr, time.time() - t0)
+        if rank == 0:
+            common.save_checkpoint({"kind": "mask_generator", "stage": stage, "model": S.state_dict(),
+                                    "optimizer": opt.state_dict(), "epoch": epoch + 1, "epochs": args.epochs,
+                                    "done": epoch + 1 == args.epochs, "num_classes": K, "class_names": names,
+                                    "extra": None if extra is None else extra.state_dict(),
+                                    "args": vars(args)}, ckpt_path)
+    log(f"done: {ckpt_path}")
+    common.cleanup_distributed()
+    return ckpt_path
