@@ -8,8 +8,8 @@ Toy world (2-core CPU, about 40 minutes for 3 seeds; data/toy must exist: `pytho
     python ablate.py --dataset toy --seeds 0 1 2 --out out/toy_ablate
 
 It runs the stage scripts as a user would (train_cam, train_match, train_prompt, train_refine, make_pseudo
---cams_only, eval_miou --cams), one folder per run under OUT/seed{S}/, and reuses finished runs (each stage
-resumes or skips from its own checkpoint). Writes OUT/ablations.json (every run's seed mIoU and each cell's
+--cams_only, eval_miou --cams), one folder per run under OUT/seed{S}/, and reuses finished runs (a run
+whose checkpoint is done is not invoked again; an interrupted one resumes from its checkpoint). Writes OUT/ablations.json (every run's seed mIoU and each cell's
 mean and std) and prints the three tables. Extra flags for every S-training stage go through --match_args.
 """
 import json
@@ -20,6 +20,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 import common
 
@@ -66,6 +67,21 @@ def run(log, *cmd):
     return proc.stdout
 
 
+def finished(path):
+    """A run whose checkpoint says it is done is reused as it is, not invoked again."""
+    try:
+        return bool(torch.load(path, map_location="cpu", weights_only=True).get("done"))
+    except (OSError, RuntimeError, EOFError, ValueError):
+        return False
+
+
+def train(log, script, out, *args):
+    """Run a training stage unless its output in `out` is finished."""
+    name = "prompts.pt" if script == "train_prompt.py" else "checkpoint.pt"
+    if not finished(os.path.join(out, name)):
+        run(log, script, *args, "--out", out)
+
+
 def seed_miou(log, base, name, ckpt, out):
     """Seed mIoU of S's CAMs on the train list (best threshold of a 0.05-0.95 sweep)."""
     result = os.path.join(out, name, "seed.json")
@@ -84,17 +100,17 @@ def one_seed(args, seed, log):
     clip_flag = ["--clip", args.clip]
     m_args, c_args, p_args = (shlex.split(a) for a in (args.match_args, args.cam_args, args.prompt_args))
     cam = os.path.join(out, "cam", "checkpoint.pt")
-    run(log, "train_cam.py", *base, "--out", os.path.join(out, "cam"), *c_args)
+    train(log, "train_cam.py", os.path.join(out, "cam"), *base, *c_args)
     miou = {"cam": seed_miou(log, base, "seeds_cam", cam, out)}
-    run(log, "train_match.py", *base, *clip_flag, "--init", cam, "--out", os.path.join(out, "a"), *m_args)
+    train(log, "train_match.py", os.path.join(out, "a"), *base, *clip_flag, "--init", cam, *m_args)
     miou["a"] = seed_miou(log, base, "seeds_a", os.path.join(out, "a", "checkpoint.pt"), out)
     for p, flags in PROMPTS.items():
-        run(log, "train_prompt.py", *base, *clip_flag, "--match", os.path.join(out, "a", "checkpoint.pt"),
-            "--out", os.path.join(out, f"prompt_{p}"), *p_args, *flags)
+        train(log, "train_prompt.py", os.path.join(out, f"prompt_{p}"), *base, *clip_flag, "--match",
+              os.path.join(out, "a", "checkpoint.pt"), *p_args, *flags)
     for name, (p, flags) in refine_runs(args.lambda_refine).items():
         prompts = ["--prompts", os.path.join(out, f"prompt_{p}", "prompts.pt")] if p else []
-        run(log, "train_refine.py", *base, *clip_flag, "--init", cam, "--out", os.path.join(out, name),
-            "--lambda_refine", str(args.lambda_refine), *prompts, *m_args, *flags)
+        train(log, "train_refine.py", os.path.join(out, name), *base, *clip_flag, "--init", cam,
+              "--lambda_refine", str(args.lambda_refine), *prompts, *m_args, *flags)
         miou[name] = seed_miou(log, base, f"seeds_{name}", os.path.join(out, name, "checkpoint.pt"), out)
     return miou
 

@@ -4,7 +4,7 @@ are the seeds every WSSS method starts from; SemPLeS's stages (a) and (c) both s
 
     L_cls = multi-label soft margin( GAP(CAMs), y )       (the pooled CAMs are the class scores)
 
-Toy world (CPU, about 1 minute):
+Toy world (CPU, about 2 minutes):
     python train_cam.py --dataset toy --device cpu
 VOC (one GPU; `torchrun --nproc_per_node 4 train_cam.py ...` for four):
     python train_cam.py --dataset voc --init data/resnet50-imagenet.pth

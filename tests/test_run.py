@@ -58,3 +58,26 @@ def test_run_sh_refuses_unknown_flags_and_missing_data(tmp_path):
     missing = subprocess.run(["bash", os.path.join(REPO, "run.sh"), "--voc", str(tmp_path / "VOC2012")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "VOC2012 not found" in missing.stderr
+
+
+def test_ablate_prints_the_three_tables_and_reuses_finished_runs(toy_world, tmp_path):
+    out = tmp_path / "ablate"
+    cmd = [sys.executable, os.path.join(REPO, "ablate.py"), "--dataset", "toy", "--data", toy_world["root"],
+           "--clip", toy_world["clip"], "--seeds", "0", "--out", str(out),
+           "--cam_args", "--epochs 1 --batch_size 16 --size 64 --workers 0",
+           "--match_args", "--epochs 1 --batch_size 16 --workers 0",
+           "--prompt_args", "--epochs 1 --batch_size 16 --workers 0 --prompt_length 4"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "ablations.json").read_text())
+    tables = report["tables"]
+    assert len(tables) == 3 and len(tables["Table 4: losses"]) == 6 and len(tables["Table 6: training"]) == 2
+    assert [r for r in tables["Table 5: lambda"]] == ["lambda 0 (L_match only)", "lambda 0.01", "lambda 0.02",
+                                                     "lambda 0.05", "lambda 0.1"]
+    for rows in tables.values():
+        for cell in rows.values():
+            assert 0 <= cell["mean"] <= 100 and cell["std"] == 0 and len(cell["per_seed"]) == 1
+    assert "Table 6: training" in proc.stdout and "joint" in proc.stdout
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "train_" not in again.stdout.split("seed 0", 1)[1].split("Table 4")[0]
+    assert json.loads((out / "ablations.json").read_text())["runs"] == report["runs"]
