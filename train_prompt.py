@@ -66,7 +66,8 @@ def background_cache(args, S, match_args, clip_model, K, device, log, rank=0):
     """v^b and k of every (image, present class) pair of the split, computed once with the frozen S.
     The cache is keyed on what produced it (S's weights, the split, the fill, the CLIP)."""
     path = os.path.join(args.out, "cache.pt")
-    key = {"S": weights_fingerprint(S.state_dict()), "split": args.split, "fill": match_args["fill"],
+    fill = match_args.get("fill", "mean")  # a CAM network checkpoint has no --fill: the default
+    key = {"S": weights_fingerprint(S.state_dict()), "split": args.split, "fill": fill,
            "size": match_args["size"], "clip": clip_identity(clip_model)}
     if os.path.exists(path):
         cache = torch.load(path, map_location="cpu", weights_only=True)
@@ -79,7 +80,7 @@ def background_cache(args, S, match_args, clip_model, K, device, log, rank=0):
     for x, y, _ in common.progress(loader, "caching v^b"):
         x, y = x.to(device), y.to(device)
         with common.autocast(device, args.amp):
-            _, X_b, k, _, _ = masked_pairs(x, S(x), y, res, match_args["fill"])
+            _, X_b, k, _, _ = masked_pairs(x, S(x), y, res, fill)
             v_b.append(encode_images(clip_model, X_b).float().cpu())
         ks.append(k.cpu())
     v_b, ks = torch.cat(v_b), torch.cat(ks)
