@@ -105,7 +105,7 @@ def _size_batches(root, ids, todo, batch_size):
 
 
 def compute_cams(args, ids, cam_dir, log):
-    from semples import load_mask_generator, weights_fingerprint  # here: the CRF worker processes stay light
+    from semples import load_mask_generator, minmax, weights_fingerprint  # here: CRF workers stay light
     device, _, _ = common.setup_device(args.device)
     names = common.read_class_names(args.data, args.dataset)
     S, ckpt = load_mask_generator(args.checkpoint, device, "--checkpoint", names)
@@ -142,8 +142,7 @@ def compute_cams(args, ids, cam_dir, log):
                 if present:
                     # ---------------- algorithm logic ----------------
                     c = total[b, [keep.index(k) for k in present]]
-                    lo, hi = c.amin((1, 2), keepdim=True), c.amax((1, 2), keepdim=True)
-                    c = (c - lo) / (hi - lo + 1e-5)  # min-max per class
+                    c = minmax(c)  # per class
                     # --------------------------------------------------
                     if args.store_scale != 1:
                         hw = (max(1, round(H * args.store_scale)), max(1, round(W * args.store_scale)))

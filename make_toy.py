@@ -24,6 +24,7 @@ from torchvision.ops import roi_align
 
 import clip
 import common
+from semples import FILLS, clip_normalise, fill_colour
 
 GEN_VERSION = 1
 # name, home background, object length range (fraction of the image side), max |rotation| (degrees)
@@ -393,21 +394,9 @@ def caption(names, template):
     return template.format((" and " + article).join(names))
 
 
-FILLS = ("mean", "black")
-
-
-def fill_colour(fill):
-    """The colour of masked-out pixels, in [0, 1]: CLIP's mean colour (0 after normalisation) or black."""
-    return torch.tensor(clip.MEAN) if fill == "mean" else torch.zeros(3)
-
-
-def _normalise(x):
-    return (x - torch.tensor(clip.MEAN).view(1, 3, 1, 1)) / torch.tensor(clip.STD).view(1, 3, 1, 1)
-
-
 def _to_clip(x, res):
     """uint8 [B, 3, H, W] -> normalised float at CLIP's resolution (bilinear, as the stages resize)."""
-    return _normalise(F.interpolate(x.float() / 255, size=(res, res), mode="bilinear", align_corners=False))
+    return clip_normalise(F.interpolate(x.float() / 255, size=(res, res), mode="bilinear", align_corners=False))
 
 
 def _random_crops(x, res, g):
@@ -419,7 +408,7 @@ def _random_crops(x, res, g):
     boxes = torch.stack([torch.arange(B).float(), x0, y0, x0 + w, y0 + h], 1)
     out = roi_align(x.float() / 255, boxes, (res, res), sampling_ratio=1, aligned=True)
     out = torch.where((torch.rand(B, generator=g) < 0.5).view(B, 1, 1, 1), out.flip(-1), out)
-    return _normalise(out)
+    return clip_normalise(out)
 
 
 def _backgrounds(specs, S):
@@ -467,7 +456,7 @@ def evaluate_clip(model, root, seed=0, n_bg=24):
     truth = torch.from_numpy(y[single.numpy()].argmax(1))
     for fill in FILLS:
         f = fill_colour(fill).view(1, 3, 1, 1)
-        vf = F.normalize(model.encode_image(_normalise(m * img + (1 - m) * f)), dim=-1)
+        vf = F.normalize(model.encode_image(clip_normalise(m * img + (1 - m) * f)), dim=-1)
         out[f"object_alone_acc_{fill}"] = float(((vf @ u.T).argmax(1) == truth).float().mean())
         if fill == "mean":  # the object alone must match its class text far better than its backdrop alone does
             obj = torch.stack([(vf[truth == k] @ u[k]).mean() for k in range(K)])

@@ -185,11 +185,23 @@ def class_text_features(model, class_names, template=TEMPLATE):
     return F.normalize(model.encode_text(tokens.to(next(model.parameters()).device)).float(), dim=-1)
 
 
-def encode_images(model, x):
-    """v: normalised image features of images in [0, 1] at CLIP's resolution (CLIP's own mean/std)."""
+def clip_normalise(x):
+    """Images in [0, 1] [B, 3, H, W] -> CLIP's input normalisation (its own mean/std)."""
     mean = torch.tensor(clip.MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(clip.STD, device=x.device).view(1, 3, 1, 1)
-    return F.normalize(model.encode_image((x - mean) / std).float(), dim=-1)
+    return (x - mean) / std
+
+
+def encode_images(model, x):
+    """v: normalised image features of images in [0, 1] at CLIP's resolution."""
+    return F.normalize(model.encode_image(clip_normalise(x)).float(), dim=-1)
+
+
+def fill_colour(fill, device=None):
+    """The colour [3] in [0, 1] of masked-out pixels: CLIP's mean colour (0 after its normalisation) or black."""
+    if fill not in FILLS:
+        raise ValueError(f"--fill must be one of {FILLS}, got {fill!r}")
+    return torch.tensor(clip.MEAN if fill == "mean" else (0.0, 0.0, 0.0), device=device)
 
 
 def soft_masks(cams, resolution):
@@ -212,12 +224,10 @@ def masked_pairs(images, cams, labels, resolution, fill="mean"):
     multiplies the *normalised* image, as CLIMS and the authors' release do; a removed region then looks
     like a flat grey backdrop, not like a black scene. 'black': the mask multiplies the raw pixels.
     Returns (X^f [P,3,r,r], X^b [P,3,r,r] in [0, 1], class index k [P], image index b [P], M [P,1,r,r])."""
-    if fill not in FILLS:
-        raise ValueError(f"--fill must be one of {FILLS}, got {fill!r}")
+    f = fill_colour(fill, images.device).view(1, 3, 1, 1)
     b, k = labels.nonzero(as_tuple=True)
     m = soft_masks(cams[b, k], resolution)
     x = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)[b]
-    f = torch.tensor(clip.MEAN if fill == "mean" else (0.0, 0.0, 0.0), device=x.device).view(1, 3, 1, 1)
     return m * x + (1 - m) * f, (1 - m) * x + m * f, k, b, m
 
 
@@ -309,7 +319,6 @@ def load_prompt_features(path, clip_model, class_names, flag="--prompts"):
     if ckpt["fingerprint"] != clip_identity(clip_model):
         raise ValueError(f"{flag} {path} was learned with another CLIP ('{ckpt['clip']}'); pass the --clip it "
                          "was learned with, or rerun train_prompt.py")
-    prompts = Prompts(clip_model, len(class_names), ckpt["prompts"].shape[1]).to(ckpt["prompts"].device)
+    prompts = Prompts(clip_model, len(class_names), ckpt["prompts"].shape[1])
     prompts.prompts.copy_(ckpt["prompts"])
-    device = next(clip_model.parameters()).device
-    return prompts.to(device)(clip_model)
+    return prompts.to(next(clip_model.parameters()).device)(clip_model)
