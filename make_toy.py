@@ -5,9 +5,8 @@ pipeline run, be tested and be measured end to end on a 2-core CPU (this script:
     .venv/bin/python make_toy.py --out data/toy
 
 Writes OUT/JPEGImages/{id}.jpg, OUT/SegmentationClass/{id}.png (0 background, 1..K, 255 border band),
-OUT/ImageSets/Segmentation/{train_aug,train,val}.txt, OUT/class_names.txt, OUT/cls_labels.json (via
-common.write_labels), OUT/toy_meta.json (generation args, class -> home background, per-object
-backgrounds, completion marker) and OUT/tiny_clip.pt ({"state_dict", "meta"}, read by clip.load).
+OUT/ImageSets/Segmentation/{train_aug,train,val}.txt, OUT/class_names.txt, OUT/toy_meta.json
+(generation args, class -> home background, per-object backgrounds, completion marker) and OUT/tiny_clip.pt ({"state_dict", "meta"}, read by clip.load).
 Work already done with the same arguments is skipped; --force redoes everything.
 """
 import argparse
@@ -365,7 +364,9 @@ def generate_dataset(out, n_train=2000, n_val=300, n_train_subset=300, size=96, 
             f.write("".join(i + "\n" for i in ids))
     with common.atomic_path(os.path.join(out, "class_names.txt")) as tmp, open(tmp, "w") as f:
         f.write("".join(n + "\n" for n in NAMES))
-    labels = common.write_labels(out)
+    labels = common.derive_labels(out, sorted(images))  # the loaders derive them too: no label file here
+    if os.path.exists(os.path.join(out, "cls_labels.json")):  # an older version's, which nothing reads
+        os.remove(os.path.join(out, "cls_labels.json"))
     meta = {"args": args, "class_names": NAMES, "home": HOME, "backgrounds": BACKGROUNDS, "images": images,
             "summary": dataset_summary(images, labels, splits), "complete": True}
     with common.atomic_path(meta_path) as tmp, open(tmp, "w") as f:

@@ -13,6 +13,13 @@ TOY_WORLD = dict(n_train=64, n_val=32, n_train_subset=32, size=64, seed=0, coocc
 TOY_CLIP = dict(steps=30, batch_size=32, lr=1e-3, bg_pool=8, cut_pool=32, seed=0, threads=1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def label_cache(tmp_path_factory):
+    """Derived image labels (common.derive_labels) are cached in a session folder, not in the home directory;
+    subprocesses inherit it."""
+    os.environ["SEMPLES_CACHE"] = str(tmp_path_factory.mktemp("semples_cache"))
+
+
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory):
     """A toy dataset in VOC layout (64 train_aug, 32 of them in train, 32 val, 64 px) and a tiny CLIP

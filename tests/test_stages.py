@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -217,12 +218,10 @@ def test_bad_input_errors(stages, toy_world, tmp_path):
         p = run("train_match.py", *FAST, *data, *stages["init"], "--out", str(tmp_path / "z"), *bad_flag, ok=False)
         assert p.returncode == 2 and bad_flag[0] in p.stderr, p.stderr
     assert not (tmp_path / "z" / "checkpoint.pt").exists()
-    # an empty label row
+    # an empty label row: a mask holding no class
     root = tmp_path / "data"
     shutil.copytree(toy_world["root"], root)
-    labels = json.loads((root / "cls_labels.json").read_text())
     first = common.read_ids(str(root), "train_aug")[0]
-    labels[first] = []
-    (root / "cls_labels.json").write_text(json.dumps(labels))
+    common.save_mask(str(root / "SegmentationClass" / f"{first}.png"), np.zeros((64, 64), np.uint8))
     p = run("train_cam.py", *FAST, "--data", str(root), "--out", str(tmp_path / "a"), "--size", "64", ok=False)
     assert p.returncode != 0 and "empty label row" in p.stderr and first in p.stderr
