@@ -39,10 +39,13 @@ CLIP_NAMES = {"aeroplane": "aeroplane", "diningtable": "dining table", "motorbik
               "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
 
 # Where each dataset lives by default and which CLIP judges it. Stages add their own per-dataset values.
+# Preset paths under data/ and out/ are the repository's (REPO), wherever a script runs from; "{data}"
+# stands for the --data folder of the run (the toy CLIP lives in the toy world it was trained on).
+REPO = os.path.dirname(os.path.abspath(__file__))
 DATASETS = {
     "voc": dict(data="data/VOCdevkit/VOC2012", clip="ViT-B/32"),
     "coco": dict(data="data/coco", clip="ViT-B/32"),
-    "toy": dict(data="data/toy", clip="data/toy/tiny_clip.pt"),
+    "toy": dict(data="data/toy", clip="{data}/tiny_clip.pt"),
 }
 
 
@@ -79,14 +82,68 @@ nonnegative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a num
 unit_float = _number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
+def float_list(text):
+    """A comma list of positive numbers ('1.0,0.5'), e.g. --scales."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of numbers (e.g. 1.0,0.75)")
+    if not values or not all(v > 0 and math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} must list one or more positive numbers")
+    return values
+
+
+def device_name(text):
+    """cpu, cuda or cuda:N (whether CUDA is there is checked by setup_device)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda or cuda:N")
+    return text
+
+
 def parse_args(parser, presets, argv=None):
     """Parse `argv` with per-dataset defaults: `presets[name]` is a dict of flag defaults for each of
-    voc/coco/toy; flags given on the command line always win over the preset."""
+    voc/coco/toy; flags given on the command line always win over the preset. `--dataset NAME --help`
+    shows NAME's defaults, and the help ends with every preset's values."""
     parser.add_argument("--dataset", type=str, default="voc", choices=sorted(presets),
-                        help="preset of per-dataset defaults (paper's VOC/COCO settings, or the toy world)")
-    known, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**presets[known.dataset])
-    return parser.parse_args(argv)
+                        help="preset of per-dataset defaults (paper's VOC/COCO settings, or the toy world); "
+                             "`--dataset NAME --help` shows NAME's defaults")
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --dataset alone, before --help runs
+    pre.add_argument("--dataset", type=str, default="voc")
+    known, _ = pre.parse_known_args(argv)
+    flags = {a.dest for a in parser._actions}
+    parser.epilog = presets_help(presets, flags)
+    parser.set_defaults(**{k: _repo_path(v) for k, v in presets.get(known.dataset, presets["voc"]).items()})
+    args = parser.parse_args(argv)
+    for k, v in vars(args).items():
+        if isinstance(v, str) and "{data}" in v:
+            setattr(args, k, v.replace("{data}", args.data))
+    return args
+
+
+def _repo_path(value):
+    """A preset's relative path under data/ or out/ is the repository's, not the working directory's."""
+    if isinstance(value, str) and value.split("/")[0] in ("data", "out"):
+        return os.path.join(REPO, value)
+    return value
+
+
+def presets_help(presets, flags):
+    """The help's epilog: each preset's values of this script's flags, one paragraph per preset."""
+    lines = textwrap.wrap("presets (--dataset NAME sets these defaults; a flag given on the command line wins; "
+                          "data/ and out/ are the repository's, {data} is the --data folder):", 100)
+    for name in sorted(presets):
+        line = f"  {name}:"
+        for pair in (f"--{k} {v}" for k, v in presets[name].items() if k in flags):
+            if len(line) + 1 + len(pair) > 100:
+                lines.append(line)
+                line = "     "
+            line += " " + pair
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def presets(**per_dataset):
@@ -316,6 +373,14 @@ def setup_device(name):
     """Pick the device once. Under torchrun (WORLD_SIZE > 1) also join the process group: NCCL on CUDA,
     one process per GPU. Returns (device, rank, world_size)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if name.startswith("cuda"):
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not visible:
+            raise ValueError(f"--device {name} asked for, but no CUDA device is visible; pass --device cpu")
+        index = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else torch.device(name).index or 0
+        if index >= visible:
+            raise ValueError(f"--device {name}: GPU {index} asked for (LOCAL_RANK under torchrun), but only "
+                             f"{visible} visible; use fewer processes per node or another --device")
     if world > 1 and dist.is_initialized():  # a second call in the same process
         device = torch.device("cuda", torch.cuda.current_device()) if name.startswith("cuda") else torch.device(name)
         return device, dist.get_rank(), world
@@ -328,8 +393,6 @@ def setup_device(name):
             device = torch.device(name)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return device, dist.get_rank(), world
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but no CUDA device is visible; pass --device cpu")
     return torch.device(name), 0, 1
 
 
@@ -418,13 +481,25 @@ def load_checkpoint(path, kind, flag="--init"):
     return ckpt
 
 
+def make_dir(path, flag="--out"):
+    """Create an output folder, or say which flag names a folder that cannot be one."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {path} cannot be created ({e.strerror}: {e.filename or path}); pass a folder "
+                         "that can be") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path} is not writable; pass a folder you can write to")
+    return path
+
+
 class Logger:
     """Print and append to OUT/log.txt (rank 0 only). One greppable line per epoch is the convention."""
 
     def __init__(self, out_dir, rank=0):
         self.path = os.path.join(out_dir, "log.txt") if rank == 0 else None
         if self.path:
-            os.makedirs(out_dir, exist_ok=True)
+            make_dir(out_dir, "--out")
 
     def __call__(self, msg):
         if self.path:
@@ -468,9 +543,9 @@ def progress(iterable, desc, enabled=True, total=None):
 def add_common_flags(parser):
     """Flags every stage has, with one meaning everywhere."""
     parser.add_argument("--data", type=str, default=None, help="dataset root in VOC layout (preset sets it)")
-    parser.add_argument("--device", type=str, default=default_device(), help="cuda, cuda:1 or cpu")
-    parser.add_argument("--seed", type=int, default=504, help="random seed (the authors' release uses 504)")
-    parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    parser.add_argument("--device", type=device_name, default=default_device(), help="cuda, cuda:1 or cpu")
+    parser.add_argument("--seed", type=nonnegative_int, default=504, help="random seed (the authors' release uses 504)")
+    parser.add_argument("--workers", type=nonnegative_int, default=2, help="data-loading worker processes")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                         help="bf16 autocast on CUDA (ignored on CPU)")
     return parser

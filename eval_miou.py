@@ -45,8 +45,8 @@ def build_parser():
                         "selects nothing for the pipeline)")
     p.add_argument("--t_start", type=common.unit_float, default=0.05, help="first background threshold of the sweep")
     p.add_argument("--t_end", type=common.unit_float, default=0.95, help="last background threshold (included)")
-    p.add_argument("--t_step", type=float, default=0.01, help="threshold step")
-    p.add_argument("--chunk", type=int, default=32, help="images per worker task")
+    p.add_argument("--t_step", type=common.positive_float, default=0.01, help="threshold step")
+    p.add_argument("--chunk", type=common.positive_int, default=32, help="images per worker task")
     p.add_argument("--json", type=str, default=None, help="write all figures to this JSON file")
     return p
 
@@ -54,6 +54,8 @@ def build_parser():
 def main(args):
     if (args.pred is None) == (args.cams is None):
         raise ValueError("pass exactly one of --pred DIR (class maps) and --cams DIR (CAM files)")
+    if args.cams and args.t_start > args.t_end:
+        raise ValueError(f"--t_start {args.t_start} is above --t_end {args.t_end}: the sweep would be empty")
     names = ["background"] + common.read_class_names(args.data, args.dataset)
     C = len(names)
     ids = common.read_ids(args.data, args.split)
@@ -73,8 +75,6 @@ def main(args):
         out["pred"] = args.pred
     else:
         n = int(np.floor((args.t_end - args.t_start) / args.t_step + 1e-6)) + 1
-        if n < 1 or args.t_step <= 0:
-            raise ValueError(f"empty threshold sweep {args.t_start}..{args.t_end} step {args.t_step}")
         decimals = max(2, int(np.ceil(-np.log10(args.t_step) - 1e-9)))
         thresholds = np.round(args.t_start + args.t_step * np.arange(n), decimals)
         confs = evaluate(pairs, C, "cams", thresholds, args.workers, args.chunk)

@@ -662,7 +662,8 @@ def main(args):
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=str, default="data/toy", help="output folder (VOC layout)")
+    p.add_argument("--out", type=str, default=os.path.join(common.REPO, "data", "toy"),
+                   help="output folder (VOC layout); the default is the repository's data/toy, where --dataset toy looks")
     p.add_argument("--size", type=int, default=96, help="image side in pixels")
     p.add_argument("--n_train", type=int, default=2000, help="train_aug images")
     p.add_argument("--n_val", type=int, default=300, help="val images")

@@ -65,35 +65,33 @@ def build_parser():
     p.add_argument("--init", type=str, default=None,
                    help="ImageNet torchvision state-dict file for the backbone (fc dropped); none = random")
     p.add_argument("--backbone", type=str, default="resnet101", choices=BACKBONES, help="segmenter backbone")
-    p.add_argument("--output_stride", type=int, default=8, help="backbone output stride (8 in DeepLab-v2)")
+    p.add_argument("--output_stride", type=int, default=8, choices=(8, 16, 32),
+                   help="backbone output stride (8 in DeepLab-v2)")
     p.add_argument("--freeze_bn", action=argparse.BooleanOptionalAction, default=True,
                    help="keep backbone BatchNorm in eval mode with frozen affine (DeepLab-v2 with ImageNet init)")
     p.add_argument("--crop", type=common.positive_int, default=321, help="training crop size (square)")
     p.add_argument("--batch_size", type=common.positive_int, default=10, help="images per iteration, summed over GPUs")
     p.add_argument("--iters", type=common.positive_int, default=20000, help="training iterations")
     p.add_argument("--lr", type=common.positive_float, default=2.5e-4, help="SGD lr of the backbone (poly 0.9 decay)")
-    p.add_argument("--head_lr_mult", type=float, default=10.0,
+    p.add_argument("--head_lr_mult", type=common.positive_float, default=10.0,
                    help="lr multiplier of the ASPP weights (its biases get twice this)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--momentum", type=common.unit_float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight_decay", type=common.nonnegative_float, default=5e-4, help="SGD weight decay")
     p.add_argument("--save_every", type=common.positive_int, default=1000, help="checkpoint every N iterations")
     p.add_argument("--log_every", type=common.positive_int, default=100, help="log line every N iterations")
-    p.add_argument("--stop_after", type=int, default=0,
+    p.add_argument("--stop_after", type=common.nonnegative_int, default=0,
                    help="stop (checkpoint saved) after this many iterations in total, schedule unchanged, "
                         "as if killed; rerun to continue (for time-limited jobs); 0 = off")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from OUT/checkpoint.pt if present")
     p.add_argument("--eval_only", action="store_true", help="skip training; predict with --checkpoint")
     p.add_argument("--checkpoint", type=str, default=None, help="segmenter for --eval_only (default OUT/checkpoint.pt)")
-    p.add_argument("--test_scales", type=str, default="0.5,0.75,1.0,1.25", help="inference scales")
+    p.add_argument("--test_scales", type=common.float_list, default="0.5,0.75,1.0,1.25",
+                   help="comma list of inference scales")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="add flipped inputs at test")
     p.add_argument("--crf", action="store_true",
                    help="dense CRF (SEG_CRF parameters) on the averaged probabilities, via cams.dense_crf")
     return p
-
-
-def floats(text):
-    return [float(v) for v in text.split(",") if v.strip()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +246,7 @@ def evaluate(net, args, names, device, rank, world, log):
     have_gt = all(os.path.exists(os.path.join(gt_dir, f"{i}.png")) for i in ids)
     K1 = len(names) + 1
     pred_dir = os.path.join(args.out, "pred")
-    scales = floats(args.test_scales)
+    scales = args.test_scales
     net.eval()
     conf = np.zeros((K1, K1), np.int64)
     mine = ids[rank::world]
