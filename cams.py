@@ -2,6 +2,8 @@
 CAMs of the mask generator S, the CAM files (save_cams / load_cams), the background-threshold pseudo
 mask, and the dense CRF (pydensecrf2) with docs/method.md's pseudo-mask parameters.
 """
+import json
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -67,10 +69,22 @@ def crf_probs(image, probs, **kw):
 # ----------------------------------------------------------------------------------------------
 # CAM files
 # ----------------------------------------------------------------------------------------------
-def save_cams(path, cams, classes, size):
+def save_cams(path, cams, classes, size, meta=None):
+    """One CAM file; `meta` (a JSON-able dict) records what made it, in the file itself (cam_meta reads it)."""
     with common.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, cams=cams.astype(np.float16), classes=np.asarray(classes, np.int16),
-                            size=np.asarray(size, np.int32))
+                            size=np.asarray(size, np.int32), meta=np.asarray(json.dumps(meta, sort_keys=True)))
+
+
+def cam_meta(path):
+    """(the meta dict stored by save_cams, None for a file without one; the 1-based classes as a list),
+    without reading the CAMs themselves."""
+    try:
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"])) if "meta" in z.files else None
+            return meta, z["classes"].astype(np.int64).tolist()
+    except Exception as e:
+        raise ValueError(f"cannot read CAM file {path} ({e}); delete it and rerun make_pseudo.py") from e
 
 
 def load_cams(path):

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -244,12 +244,29 @@ def voc_palette():
 _PALETTE = voc_palette()
 
 
-def save_mask(path, mask):
-    """Write a class-index map as a VOC-palette PNG (visible in any viewer), atomically."""
+def save_mask(path, mask, key=None):
+    """Write a class-index map as a VOC-palette PNG (visible in any viewer), atomically. `key` (a string
+    naming what made the mask) goes into the PNG's text; mask_key reads it back."""
     im = Image.fromarray(np.asarray(mask, dtype=np.uint8))
     im.putpalette(_PALETTE)  # turns the grey image into a palette one, indices unchanged
+    info = None
+    if key is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(MASK_KEY, key)
     with atomic_path(path) as tmp:
-        im.save(tmp, format="PNG")
+        im.save(tmp, format="PNG", pnginfo=info)
+
+
+MASK_KEY = "semples_key"
+
+
+def mask_key(path):
+    """The key save_mask stored in a PNG; None if the file is absent, unreadable or has none."""
+    try:
+        with Image.open(path) as im:
+            return im.text.get(MASK_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def labels_of_mask(mask, num_classes=None, where=""):

@@ -21,12 +21,14 @@ Another background threshold, reusing the saved CAMs (no GPU needed):
     python make_pseudo.py --dataset voc --masks_only --bg_threshold 0.45 --mask_dir out/voc/pseudo/masks_045
 
 Writes OUT/cams/{id}.npz (keys: `cams` float16 [C_present, h, w], min-max normalised; `classes` the
-C_present 1-based class values; `size` the image's [H, W]; h, w = H, W times --store_scale),
-OUT/cams/meta.json (what made them), OUT/masks/{id}.png (VOC palette; --mask_dir),
-OUT/masks/params.json, OUT/vis/{id}.jpg (--vis N: image | CAM heatmap | pseudo mask), OUT/log.txt,
-OUT/args.json (args_masks.json for --masks_only). Both phases resume: existing CAM files are kept
-(they must come from the same checkpoint and settings, else an error), existing masks are kept if
-they were made with the same parameters (else they are redone).
+C_present 1-based class values; `size` the image's [H, W]; h, w = H, W times --store_scale; `meta`
+what made them: checkpoint fingerprint, path and epoch, scales, size, store_scale, class names),
+OUT/masks/{id}.png (VOC palette; --mask_dir; the PNG's text holds the key of its CAM file's meta, the
+threshold and the CRF), OUT/masks/params.json (the last run's), OUT/vis/{id}.jpg (--vis N: image | CAM
+heatmap | pseudo mask), OUT/log.txt, OUT/args.json (args_masks.json for --masks_only). Both phases
+resume, file by file: an existing CAM file is kept if its own meta and classes are this run's (a file
+made with another checkpoint, scales, size or labels is an error, whichever split made it), an
+existing mask is kept if its key is this run's (else it is redone).
 
 CAM storage (np.savez_compressed, float16): measured ~1.2 MB per 640x480 image with 3 classes at full
 resolution (zlib gains only ~1.5x on float16), i.e. ~100 GB for COCO's 82k train images; at
@@ -38,6 +40,7 @@ resolution: ~0.35 MB per image (500x375, 1.5 classes), ~4 GB for train_aug. Toy 
 """
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -49,7 +52,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
-from cams import CRF_DEFAULTS, CRF_GT_PROB, load_cams, multiscale_cams, pseudo_mask, save_cams
+from cams import CRF_DEFAULTS, CRF_GT_PROB, cam_meta, load_cams, multiscale_cams, pseudo_mask, save_cams
 
 PRESETS = common.presets(
     voc=dict(checkpoint="out/voc/refine/checkpoint.pt", out="out/voc/pseudo"),
@@ -68,11 +71,12 @@ def build_parser():
     p.add_argument("--split", type=str, default="train_aug", help="image list to make pseudo masks for")
     p.add_argument("--out", type=str, default=None, help="output folder (cams/, masks/, vis/, log.txt)")
     p.add_argument("--mask_dir", type=str, default=None, help="where the PNGs go (default OUT/masks)")
-    p.add_argument("--size", type=int, default=None,
+    p.add_argument("--size", type=common.positive_int, default=None,
                    help="longer image side at scale 1.0 (default: the checkpoint's training size)")
-    p.add_argument("--scales", type=str, default="1.0,1.2", help="comma list of CAM scales (each also flipped)")
+    p.add_argument("--scales", type=common.float_list, default="1.0,1.2",
+                   help="comma list of CAM scales (each also flipped)")
     p.add_argument("--batch_size", type=common.positive_int, default=8, help="images per S forward (equal-sized images only)")
-    p.add_argument("--store_scale", type=float, default=1.0,
+    p.add_argument("--store_scale", type=common.positive_float, default=1.0,
                    help="CAMs are stored at this fraction of the image size (upsampled bilinearly on read)")
     p.add_argument("--bg_threshold", type=common.unit_float, default=0.43, help="constant background score")
     p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True,
@@ -109,23 +113,14 @@ def compute_cams(args, ids, cam_dir, log):
     device, _, _ = common.setup_device(args.device)
     names = common.read_class_names(args.data, args.dataset)
     S, ckpt = load_mask_generator(args.checkpoint, device, "--checkpoint", names)
-    size = args.size or ckpt["args"]["size"]
-    scales = [float(s) for s in args.scales.split(",") if s.strip()]
+    size, scales = args.size or ckpt["args"]["size"], args.scales
     meta = {"fingerprint": weights_fingerprint(ckpt["model"]), "scales": scales, "size": size,
-            "store_scale": args.store_scale, "class_names": names, "checkpoint": args.checkpoint}
-    meta_path = os.path.join(cam_dir, "meta.json")
+            "store_scale": args.store_scale, "class_names": names,
+            "checkpoint": os.path.abspath(args.checkpoint), "epoch": ckpt.get("epoch")}
+    y = torch.from_numpy(common.load_labels(args.data, ids, len(names), require_nonempty=False))
     paths = [os.path.join(cam_dir, f"{i}.npz") for i in ids]
     todo = [n for n, p in enumerate(paths) if not os.path.exists(p)]
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
-        diff = [k for k in meta if k != "checkpoint" and old.get(k) != meta[k]]
-        if diff and len(todo) < len(ids):
-            raise ValueError(f"{cam_dir} holds CAMs made with other {', '.join(diff)} ({old.get('checkpoint')}); "
-                             "pass another --out or delete that folder")
-    with common.atomic_path(meta_path) as tmp, open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    y = torch.from_numpy(common.load_labels(args.data, ids, len(names), require_nonempty=False))
+    check_existing_cams(paths, set(todo), meta, y, cam_dir)
     log(f"cams: {len(todo)} of {len(ids)} images to compute ({len(ids) - len(todo)} exist) with "
         f"{args.checkpoint} (epoch {ckpt.get('epoch')}), scales {args.scales}, size {size}, on {device}")
     loader = torch.utils.data.DataLoader(common.ImageList(args.data, ids), batch_sampler=_size_batches(
@@ -150,7 +145,7 @@ def compute_cams(args, ids, cam_dir, log):
                     c = c.half().cpu().numpy()
                 else:
                     c = np.zeros((0, H, W), np.float16)
-                pending.append(saver.submit(save_cams, paths[n], c, [k + 1 for k in present], (H, W)))
+                pending.append(saver.submit(save_cams, paths[n], c, [k + 1 for k in present], (H, W), meta))
             while len(pending) > 4 * max(1, args.workers) * args.batch_size:
                 pending.pop(0).result()
         for fut in pending:
@@ -160,6 +155,31 @@ def compute_cams(args, ids, cam_dir, log):
         nbytes = sum(os.path.getsize(paths[n]) for n in todo)
     log(f"cams: {len(todo)} computed in {dt:.1f}s ({len(todo) / max(dt, 1e-9):.1f} img/s), "
         f"{nbytes / max(1, len(todo)) / 1024:.1f} KB/image, {nbytes / 2**20:.1f} MB in {cam_dir}")
+
+
+UNKEYED = ("checkpoint", "epoch")  # where a checkpoint lies and its epoch do not change the CAMs
+
+
+def check_existing_cams(paths, todo, meta, y, cam_dir):
+    """Existing CAM files are reused only if their own meta and classes are this run's: a file made with
+    another checkpoint, scales, size or labels (by any earlier run, for any split) is an error."""
+    stale = []
+    for n, path in enumerate(paths):
+        if n in todo:
+            continue
+        old, classes = cam_meta(path)
+        diff = ["settings (an unkeyed file)"] if old is None else [
+            k for k in meta if k not in UNKEYED and old.get(k) != meta[k]]
+        if classes != (y[n].nonzero()[:, 0] + 1).tolist():
+            diff.append("labels (its image's mask changed)")
+        if diff:
+            stale.append((path, diff, old or {}))
+    if stale:
+        path, diff, old = stale[0]
+        raise ValueError(f"{cam_dir} holds CAMs of {len(stale)} of these {len(paths)} images made with other "
+                         f"{', '.join(diff)} than this run's, e.g. {path} (from --checkpoint {old.get('checkpoint')} "
+                         f"epoch {old.get('epoch')}, scales {old.get('scales')}); pass another --out, or delete "
+                         "those files to recompute them")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,14 +205,14 @@ def _worker_init():
 
 def _mask_task(task):
     """One image: read its CAM file and JPEG, write its PNG (and picture). Returns statistics."""
-    image_id, cam_path, img_path, mask_path, vis_path, bg_threshold, crf = task
+    image_id, cam_path, img_path, mask_path, vis_path, bg_threshold, crf, key = task
     cams, classes = load_cams(cam_path)
     image = common.read_image(img_path)
     if image.shape[:2] != cams.shape[1:]:
         raise ValueError(f"{cam_path} holds CAMs of size {cams.shape[1:]}, image {img_path} is {image.shape[:2]}")
     raw = pseudo_mask(cams, classes, bg_threshold)
     mask = pseudo_mask(cams, classes, bg_threshold, image, crf) if crf is not None else raw
-    common.save_mask(mask_path, mask)
+    common.save_mask(mask_path, mask, key)
     if vis_path:
         with common.atomic_path(vis_path) as tmp:
             Image.fromarray(visualise(image, cams, mask)).save(tmp, format="JPEG", quality=90)
@@ -207,29 +227,25 @@ def make_masks(args, ids, cam_dir, mask_dir, log):
     crf = None
     if args.crf:
         crf = dict(gt_prob=CRF_GT_PROB, **CRF_DEFAULTS)
-    meta_path = os.path.join(cam_dir, "meta.json")
-    with open(meta_path) as f:
-        cams_meta = {k: v for k, v in json.load(f).items() if k != "checkpoint"}  # path moves don't matter
-    params = {"bg_threshold": args.bg_threshold, "crf": crf, "cams": cams_meta}
-    params_path = os.path.join(mask_dir, "params.json")
-    mask_paths = {i: os.path.join(mask_dir, f"{i}.png") for i in ids}
-    old = None
-    if os.path.exists(params_path):
-        with open(params_path) as f:
-            old = json.load(f)
-    if old != params:  # masks made with other parameters (or unknown ones) are redone, not mixed
-        stale = [p for p in mask_paths.values() if os.path.exists(p)]
-        if stale:
-            log(f"masks: {len(stale)} PNGs in {mask_dir} were made with other parameters: redoing them")
-        for p in stale:
-            os.remove(p)
-    with common.atomic_path(params_path) as tmp, open(tmp, "w") as f:
+    params = {"bg_threshold": args.bg_threshold, "crf": crf}
+    with common.atomic_path(os.path.join(mask_dir, "params.json")) as tmp, open(tmp, "w") as f:
         json.dump(params, f, indent=1)
     vis = set(ids[:args.vis])
-    vis_path = {i: os.path.join(args.out, "vis", f"{i}.jpg") if i in vis else None for i in ids}
-    tasks = [(i, os.path.join(cam_dir, f"{i}.npz"), common.image_path(args.data, i), mask_paths[i], vis_path[i],
-              args.bg_threshold, crf) for i in ids
-             if not os.path.exists(mask_paths[i]) or (vis_path[i] and not os.path.exists(vis_path[i]))]
+    tasks, redo = [], 0
+    for i in ids:  # each mask is keyed on its CAM file's meta and classes, the threshold and the CRF
+        cam_path, mask_path = os.path.join(cam_dir, f"{i}.npz"), os.path.join(mask_dir, f"{i}.png")
+        meta, classes = cam_meta(cam_path)
+        made_from = {k: v for k, v in meta.items() if k not in UNKEYED} if meta else os.stat(cam_path).st_mtime_ns
+        key = hashlib.sha256(json.dumps([made_from, classes, params], sort_keys=True).encode()).hexdigest()[:16]
+        vis_path = os.path.join(args.out, "vis", f"{i}.jpg") if i in vis else None
+        old = common.mask_key(mask_path)
+        if old != key and os.path.exists(mask_path):
+            redo += 1
+        if old != key or (vis_path and not os.path.exists(vis_path)):
+            tasks.append((i, cam_path, common.image_path(args.data, i), mask_path, vis_path, args.bg_threshold,
+                          crf, key))
+    if redo:
+        log(f"masks: {redo} PNGs in {mask_dir} were made from other CAMs or parameters: redoing them")
     log(f"masks: {len(tasks)} of {len(ids)} to write ({len(ids) - len(tasks)} exist), bg_threshold "
         f"{args.bg_threshold}, crf {'on' if crf else 'off'}, {args.workers} worker processes")
     t0, stats = time.time(), []
@@ -254,6 +270,8 @@ def main(args):
         raise ValueError(f"--store_scale must lie in (0, 1], got {args.store_scale}")
     args.mask_dir = args.mask_dir or os.path.join(args.out, "masks")
     log = common.Logger(args.out)
+    if not args.cams_only:
+        common.make_dir(args.mask_dir, "--mask_dir")
     common.save_args(args, args.out, "args_masks.json" if args.masks_only else "args.json")
     ids = common.read_ids(args.data, args.split)
     cam_dir = os.path.join(args.out, "cams")
