@@ -540,13 +540,23 @@ def epoch_line(log, stage, epoch, epochs, means, lr, seconds):
 RESUME_FREE = {"device", "workers", "resume", "out"}
 
 
-def check_resume(saved, current, path):
-    """Refuse to resume a run whose result-shaping flags changed (it would mix two experiments)."""
-    diff = sorted(k for k in set(saved) | set(current) if k not in RESUME_FREE and saved.get(k) != current.get(k))
+def check_resume(saved, current, path, free=()):
+    """Refuse to resume a run whose result-shaping flags changed (it would mix two experiments). `free`:
+    the stage's own flags that shape no result (besides RESUME_FREE)."""
+    skip = RESUME_FREE | set(free)
+    diff = sorted(k for k in set(saved) | set(current) if k not in skip and saved.get(k) != current.get(k))
     if diff:
         detail = ", ".join(f"--{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:4])
         raise ValueError(f"{path} was made with other flags ({detail}); rerun with those flags to resume, "
                          "or pass --no-resume / another --out to start afresh")
+
+
+def fresh_start(path, log):
+    """--no-resume: the old checkpoint goes now, said in the log, rather than stay until the first save
+    (a run killed before it would leave another experiment's state to be resumed from)."""
+    if os.path.exists(path):
+        os.remove(path)
+        log(f"--no-resume: removed the old {path}; starting afresh")
 
 
 def progress(iterable, desc, enabled=True, total=None):

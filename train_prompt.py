@@ -57,7 +57,8 @@ def build_parser():
     p.add_argument("--image_term", action=argparse.BooleanOptionalAction, default=True,
                    help="use L_prompt^I (off: the Table 4 'L_prompt^T only' row)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from OUT/prompts.pt if present (refused if result-shaping flags changed)")
+                   help="continue from OUT/prompts.pt if present (refused if result-shaping flags changed); "
+                        "--no-resume removes it and starts afresh")
     return p
 
 
@@ -116,6 +117,8 @@ def main(args):
         start = ckpt["epoch"]
         log(f"resumed from {out_path} at epoch {start}/{args.epochs}")
     elif rank == 0:
+        if not args.resume:
+            common.fresh_start(out_path, log)
         common.save_args(args, args.out)
     model = DDP(prompts) if world > 1 else prompts
 

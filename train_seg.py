@@ -51,6 +51,9 @@ SEG_CRF = dict(gauss_sxy=1, gauss_compat=3, bi_sxy=67, bi_srgb=3, bi_compat=4, i
 POLY_POWER = 0.9  # lr = base lr * (1 - iteration / iterations) ** POLY_POWER
 ASPP_RATES = (6, 12, 18, 24)  # dilation rates of the four ASPP branches
 SCALE_RANGE = (0.5, 1.5)  # random rescale range of the training images
+# Flags that shape no trained weight: a resumed run may differ in these (common.check_resume checks the rest).
+RESUME_FREE = ("eval_only", "checkpoint", "eval_split", "test_scales", "flip", "crf", "stop_after", "save_every",
+               "log_every")
 
 
 def build_parser():
@@ -83,7 +86,8 @@ def build_parser():
                    help="stop (checkpoint saved) after this many iterations in total, schedule unchanged, "
                         "as if killed; rerun to continue (for time-limited jobs); 0 = off")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from OUT/checkpoint.pt if present")
+                   help="continue from OUT/checkpoint.pt if present (refused if result-shaping flags changed); "
+                        "--no-resume removes it and starts afresh")
     p.add_argument("--eval_only", action="store_true", help="skip training; predict with --checkpoint")
     p.add_argument("--checkpoint", type=str, default=None, help="segmenter for --eval_only (default OUT/checkpoint.pt)")
     p.add_argument("--test_scales", type=common.float_list, default="0.5,0.75,1.0,1.25",
@@ -324,6 +328,7 @@ def main(args):
         ckpt = common.load_checkpoint(ckpt_path, "segmenter", "--out")
         if ckpt["num_classes"] != K:
             raise ValueError(f"{ckpt_path} has {ckpt['num_classes']} classes, the dataset {K}; use a new --out")
+        common.check_resume(ckpt["args"], vars(args), ckpt_path, RESUME_FREE)
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         start = ckpt["iter"]
@@ -331,6 +336,8 @@ def main(args):
             raise ValueError(f"{ckpt_path} is at iteration {start}, past --iters {args.iters}; use a new --out")
         log(f"resumed from {ckpt_path} at iteration {start}/{args.iters}")
     elif rank == 0:
+        if not args.resume:
+            common.fresh_start(ckpt_path, log)
         common.save_args(args, args.out)
     model = net
     if world > 1:

@@ -29,7 +29,8 @@ def add_flags(p, epochs, lr, batch_size, matching=False):
                    help="AdamW lr before scaling by batch/512, as in the authors' release (cosine, no warm-up)")
     p.add_argument("--weight_decay", type=common.nonnegative_float, default=0.03, help="AdamW weight decay")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from OUT/checkpoint.pt if present (refused if result-shaping flags changed)")
+                   help="continue from OUT/checkpoint.pt if present (refused if result-shaping flags changed); "
+                        "--no-resume removes it and starts afresh")
     if matching:
         p.add_argument("--clip", type=str, default=None, help="CLIP model name (e.g. ViT-B/32) or checkpoint path")
         p.add_argument("--init", type=str, default=None, help="checkpoint of S to start from (the CAM network)")
@@ -81,6 +82,8 @@ def train(args, objective, stage, S=None, extra=None, extra_lr=None):
         start = ckpt["epoch"]
         log(f"resumed from {ckpt_path} at epoch {start}/{args.epochs}")
     elif rank == 0:
+        if not args.resume:
+            common.fresh_start(ckpt_path, log)
         common.save_args(args, args.out)
     model = DDP(S, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else S
 
