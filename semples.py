@@ -152,7 +152,10 @@ def load_mask_generator(path, device, flag="--checkpoint", class_names=None):
 # ----------------------------------------------------------------------------------------------
 def load_frozen_clip(name_or_path, device):
     """CLIP in fp32 (autocast handles bf16 on CUDA), eval mode, no parameter trains."""
-    model, _ = clip.load(name_or_path, device="cpu")
+    try:
+        model, _ = clip.load(name_or_path, device="cpu")
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"--clip {name_or_path}: {e}") from None
     model = model.float().to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -91,9 +91,14 @@ def _read_checkpoint(path):
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, but needed to read them
             return torch.jit.load(path, map_location="cpu").state_dict(), {}
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # metadata with arbitrary objects (e.g. an argparse Namespace): trusted local file
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # metadata with arbitrary objects (e.g. an argparse Namespace): trusted local file
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a text file, a truncated download, ...: say which file, not torch's internals
+        reason = f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0].split(". ")[0][:150]
+        raise ValueError(f"{path} is not a readable CLIP checkpoint ({reason}); it may be truncated or not a "
+                         "torch file: pass a CLIP model name or a complete checkpoint") from None
     meta = {}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         meta = {k: v for k, v in obj.items() if k != "state_dict"}
