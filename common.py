@@ -124,6 +124,19 @@ def parse_args(parser, presets, argv=None):
     return args
 
 
+def run_cli(main, parser, presets):
+    """A stage's command line: parse, then main(args). A ValueError or FileNotFoundError (the clear messages
+    our checks raise for bad input) ends as `script: error: message` with exit status 1, not a traceback;
+    SEMPLES_TRACEBACK=1 shows the traceback."""
+    args = parse_args(parser, presets)
+    try:
+        return main(args)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("SEMPLES_TRACEBACK"):
+            raise
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
+
+
 def _repo_path(value):
     """A preset's relative path under data/ or out/ is the repository's, not the working directory's."""
     if isinstance(value, str) and value.split("/")[0] in ("data", "out"):

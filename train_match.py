@@ -51,4 +51,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(common.parse_args(build_parser(), PRESETS))
+    common.run_cli(main, build_parser(), PRESETS)
