@@ -1,0 +1,214 @@
+"""Bad input gets a clear error naming the flag or file, never a traceback from deep inside: one table of
+(script, argv, message fragment) per kind of bad input, run in this process (a subprocess costs seconds of
+imports), plus the reliability rules behind them: labels follow the masks and nothing is written into
+the dataset, CAM reuse is keyed per file, resume refuses changed flags, presets show in --help and their
+paths do not depend on the working directory."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import eval_miou
+import make_pseudo
+import semples
+import train_cam
+import train_match
+import train_prompt
+import train_refine
+import train_seg
+
+SCRIPTS = {"train_cam": train_cam, "train_match": train_match, "train_prompt": train_prompt,
+           "train_refine": train_refine, "make_pseudo": make_pseudo, "train_seg": train_seg, "eval_miou": eval_miou}
+CPU = ["--dataset", "toy", "--device", "cpu", "--workers", "0"]
+
+
+def stage(name, argv):
+    module = SCRIPTS[name]
+    return module.main(common.parse_args(module.build_parser(), module.PRESETS, [str(a) for a in argv]))
+
+
+def error_of(name, argv, capsys):
+    """Run a stage that must fail; returns argparse's message (exit 2) or the exception's."""
+    capsys.readouterr()
+    with pytest.raises((SystemExit, ValueError, FileNotFoundError)) as e:
+        stage(name, argv)
+    if isinstance(e.value, SystemExit):
+        assert e.value.code == 2
+        return capsys.readouterr().err
+    return str(e.value)
+
+
+def fake_S(path, class_names, seed):
+    """A mask generator checkpoint as train_cam.py writes one, random weights."""
+    torch.manual_seed(seed)
+    S = semples.MaskGenerator("tiny", len(class_names), 8)
+    common.save_checkpoint({"kind": "mask_generator", "model": S.state_dict(), "num_classes": len(class_names),
+                            "class_names": class_names, "args": {"backbone": "tiny", "output_stride": 8, "size": 64},
+                            "epoch": 1, "epochs": 1, "done": True}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def w(toy_world, tmp_path_factory):
+    """The toy world, a random S on it, a text file, a truncated CLIP and a regular file to put --out under."""
+    tmp = tmp_path_factory.mktemp("bad")
+    (tmp / "text.pt").write_text("not a checkpoint\n")
+    (tmp / "truncated.pt").write_bytes(open(toy_world["clip"], "rb").read()[:50000])
+    (tmp / "afile").write_text("x")
+    return dict(toy_world, tmp=tmp, S=fake_S(tmp / "S.pt", toy_world["class_names"], 0),
+                gt=os.path.join(toy_world["root"], "SegmentationClass"))
+
+
+def fill(argv, w):
+    return [str(a).format(**{k: v for k, v in w.items() if isinstance(v, (str, os.PathLike))}) for a in argv]
+
+
+TRAIN = CPU + ["--data", "{root}", "--out", "{tmp}/o", "--size", 32, "--batch_size", 16]
+MATCH = CPU + ["--data", "{root}", "--out", "{tmp}/o", "--init", "{S}", "--batch_size", 16]
+CASES = [  # (kind, script, argv, fragments the message must hold)
+    ("epochs 0", "train_cam", TRAIN + ["--epochs", 0], ["--epochs", "positive"]),
+    ("epochs negative", "train_match", MATCH + ["--epochs", -2], ["--epochs", "positive"]),
+    ("lr negative", "train_match", MATCH + ["--lr", -1], ["--lr", "positive"]),
+    ("batch_size 0", "train_prompt", CPU + ["--data", "{root}", "--batch_size", 0], ["--batch_size"]),
+    ("abbreviated flag", "train_match", MATCH + ["--epoch", 1], ["unrecognized", "--epoch"]),
+    ("iters 0", "train_seg", CPU + ["--data", "{root}", "--iters", 0], ["--iters", "positive"]),
+    ("bg_threshold 1.5", "make_pseudo", CPU + ["--data", "{root}", "--bg_threshold", 1.5], ["--bg_threshold"]),
+    ("scales not numbers", "make_pseudo", CPU + ["--data", "{root}", "--checkpoint", "{S}", "--scales", "1,abc"],
+     ["--scales", "1,abc"]),
+    ("unknown device", "train_cam", TRAIN + ["--device", "gpu"], ["--device", "'gpu'", "cpu, cuda"]),
+    ("t_start above t_end", "eval_miou", ["--dataset", "toy", "--data", "{root}", "--cams", "{tmp}",
+                                          "--t_start", 0.9, "--t_end", 0.1], ["--t_start 0.9", "--t_end 0.1"]),
+    ("missing --data folder", "train_cam", CPU + ["--data", "{tmp}/nowhere", "--out", "{tmp}/o"],
+     ["--data folder", "nowhere", "does not exist"]),
+    ("text file as --clip", "train_match", MATCH + ["--clip", "{tmp}/text.pt"], ["--clip", "text.pt", "not a readable"]),
+    ("truncated --clip", "train_refine", MATCH + ["--clip", "{tmp}/truncated.pt", "--joint"],
+     ["--clip", "truncated.pt", "not a readable CLIP checkpoint"]),
+    ("--out under a file", "train_cam", TRAIN + ["--out", "{tmp}/afile/run"], ["--out", "afile/run", "Not a directory"]),
+    ("--mask_dir under a file", "make_pseudo", CPU + ["--data", "{root}", "--out", "{tmp}/p", "--masks_only",
+                                                      "--mask_dir", "{tmp}/afile/m"], ["--mask_dir", "afile/m"]),
+]
+
+
+@pytest.mark.parametrize("kind,script,argv,fragments", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_a_clear_error(kind, script, argv, fragments, w, capsys):
+    msg = error_of(script, fill(argv, w), capsys)
+    for f in fragments:
+        assert f in msg, f"{kind}: {f!r} not in {msg!r}"
+    assert "Traceback" not in msg and "class_names.txt" not in msg
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=["single", "torchrun"])
+def test_cuda_asked_for_but_not_there(world, w, capsys, monkeypatch):
+    """--device cuda without a CUDA device, or (under torchrun) with fewer GPUs than local ranks."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_RANK", str(gpus if world > 1 else 0))
+    device = "cuda" if world > 1 else f"cuda:{gpus}"
+    msg = error_of("train_cam", fill(TRAIN + ["--device", device, "--epochs", 1], w), capsys)
+    assert f"--device {device}" in msg and "visible" in msg, msg
+
+
+def test_run_from_another_folder(w, tmp_path, monkeypatch):
+    """Preset paths are the repository's, the toy CLIP is DATA's, and a missing --data folder says so
+    (as a script run from elsewhere: exit 1 and one error line, no traceback)."""
+    monkeypatch.chdir(tmp_path)
+    args = common.parse_args(train_match.build_parser(), train_match.PRESETS, ["--dataset", "toy", "--data", w["root"]])
+    assert args.clip == os.path.join(w["root"], "tiny_clip.pt")
+    assert args.out == os.path.join(common.REPO, "out", "toy", "match")
+    assert common.parse_args(train_cam.build_parser(), train_cam.PRESETS, ["--dataset", "toy"]).data == \
+        os.path.join(common.REPO, "data", "toy")
+    p = subprocess.run([sys.executable, os.path.join(common.REPO, "train_cam.py"), "--dataset", "toy", "--device",
+                        "cpu", "--data", "nowhere"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "train_cam.py: error: --data folder nowhere does not exist" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and "class_names.txt" not in p.stderr
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_help_lists_every_preset(script, capsys):
+    module = SCRIPTS[script]
+    for dataset in ("voc", "toy"):
+        with pytest.raises(SystemExit) as e:
+            common.parse_args(module.build_parser(), module.PRESETS, ["--dataset", dataset, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        epilog = " ".join(text.split("presets (")[1].split())
+        flags = {a.dest for a in module.build_parser()._actions}
+        for name, values in module.PRESETS.items():
+            assert f" {name}: " in epilog
+            for k, v in values.items():
+                if k in flags:
+                    assert f"--{k} {v}" in epilog, (name, k)
+        lr = module.PRESETS[dataset].get("lr")
+        if lr is not None:  # `--dataset toy --help` shows toy's value as the default
+            assert f"(default: {lr})" in " ".join(text.split())
+
+
+def snapshot(root):
+    return {os.path.relpath(os.path.join(d, f), root): os.stat(os.path.join(d, f)).st_mtime_ns
+            for d, _, files in os.walk(root) for f in files} | {"": os.stat(root).st_mtime_ns}
+
+
+def test_labels_follow_the_masks_and_nothing_is_written_into_the_dataset(w, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(w["root"], root, ignore=shutil.ignore_patterns("tiny_clip.pt", "cls_labels.json"))
+    ids, K = common.read_ids(str(root), "train"), w["num_classes"]
+    before = common.load_labels(str(root), ids, K)
+    mask_path = root / "SegmentationClass" / f"{ids[0]}.png"
+    other = [k for k in range(1, K + 1) if not before[0, k - 1]][0]
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:30, 10:30] = other
+    common.save_mask(str(mask_path), mask)
+    after = common.load_labels(str(root), ids, K)
+    assert np.flatnonzero(after[0]).tolist() == [other - 1] and (after[1:] == before[1:]).all()
+    # a read-only dataset: a stage reads it and writes nothing into it (root ignores the mode bits,
+    # so the snapshot is what tells)
+    files = snapshot(root)
+    for d, _, _ in os.walk(root):
+        os.chmod(d, 0o555)
+    try:
+        stage("train_cam", CPU + ["--data", root, "--split", "train", "--out", tmp_path / "cam", "--epochs", 1,
+                                  "--size", 32, "--batch_size", 16])
+    finally:
+        for d, _, _ in os.walk(root):
+            os.chmod(d, 0o755)
+    assert snapshot(root) == files
+    assert (tmp_path / "cam" / "checkpoint.pt").exists()
+
+
+def test_cam_reuse_is_keyed_per_file(w, tmp_path, capsys):
+    """Split A with S_x, split B with S_y, then A with S_y: the CAMs of S_x are not reused."""
+    X, Y = w["S"], fake_S(tmp_path / "Y.pt", w["class_names"], 1)
+    base = CPU + ["--data", w["root"], "--out", tmp_path / "p", "--cams_only"]
+    stage("make_pseudo", base + ["--split", "train", "--checkpoint", X])
+    stage("make_pseudo", base + ["--split", "val", "--checkpoint", Y])
+    stage("make_pseudo", base + ["--split", "val", "--checkpoint", Y])  # the same key: reused
+    msg = error_of("make_pseudo", base + ["--split", "train", "--checkpoint", Y], capsys)
+    first = common.read_ids(w["root"], "train")[0]
+    assert "other fingerprint" in msg and f"{first}.npz" in msg and "S.pt" in msg, msg
+    msg = error_of("make_pseudo", base + ["--split", "val", "--checkpoint", Y, "--scales", "1.0"], capsys)
+    assert "other scales" in msg, msg
+
+
+def test_train_seg_resume_refuses_changed_flags(w, tmp_path, capsys):
+    run = CPU + ["--data", w["root"], "--masks", w["gt"], "--out", tmp_path / "s", "--iters", 4, "--crop", 32,
+                 "--batch_size", 4, "--eval_split", "train"]
+    stage("train_seg", run + ["--stop_after", 1])
+    msg = error_of("train_seg", run + ["--lr", 0.1], capsys)
+    assert "other flags" in msg and "--lr" in msg, msg
+    stage("train_seg", run + ["--lr", 0.1, "--no-resume", "--stop_after", 1])  # afresh: the old state goes
+    log = (tmp_path / "s" / "log.txt").read_text()
+    assert "--no-resume: removed the old" in log
+    assert torch.load(tmp_path / "s" / "checkpoint.pt", weights_only=True)["args"]["lr"] == 0.1
+
+
+def test_voc_settings_with_the_tiny_clip(w, tmp_path):
+    """The paper's VOC flags with the toy CLIP (64 px input, context 40): S's CAMs are resized to the
+    CLIP's input resolution, so no size mismatch arises."""
+    stage("train_match", ["--dataset", "voc", "--device", "cpu", "--workers", 0, "--data", w["root"], "--clip",
+                          w["clip"], "--init", w["S"], "--out", tmp_path / "a", "--epochs", 1, "--batch_size", 16])
+    assert torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["done"]
