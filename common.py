@@ -513,6 +513,8 @@ def load_checkpoint(path, kind, flag="--init"):
 
 def make_dir(path, flag="--out"):
     """Create an output folder, or say which flag names a folder that cannot be one."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag}: {path} is a file where a folder is needed; pass another path")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:

@@ -56,6 +56,8 @@ def main(args):
         raise ValueError("pass exactly one of --pred DIR (class maps) and --cams DIR (CAM files)")
     if args.cams and args.t_start > args.t_end:
         raise ValueError(f"--t_start {args.t_start} is above --t_end {args.t_end}: the sweep would be empty")
+    if args.json:
+        common.make_dir(os.path.dirname(os.path.abspath(args.json)), "--json")
     names = ["background"] + common.read_class_names(args.data, args.dataset)
     C = len(names)
     ids = common.read_ids(args.data, args.split)

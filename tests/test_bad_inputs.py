@@ -91,6 +91,8 @@ CASES = [  # (kind, script, argv, fragments the message must hold)
     ("--out under a file", "train_cam", TRAIN + ["--out", "{tmp}/afile/run"], ["--out", "afile/run", "Not a directory"]),
     ("--mask_dir under a file", "make_pseudo", CPU + ["--data", "{root}", "--out", "{tmp}/p", "--masks_only",
                                                       "--mask_dir", "{tmp}/afile/m"], ["--mask_dir", "afile/m"]),
+    ("--json under a file", "eval_miou", ["--dataset", "toy", "--data", "{root}", "--pred", "{gt}", "--json",
+                                          "{tmp}/afile/r.json"], ["--json", "afile is a file"]),
 ]
 
 
