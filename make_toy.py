@@ -6,7 +6,8 @@ pipeline run, be tested and be measured end to end on a 2-core CPU (this script:
 
 Writes OUT/JPEGImages/{id}.jpg, OUT/SegmentationClass/{id}.png (0 background, 1..K, 255 border band),
 OUT/ImageSets/Segmentation/{train_aug,train,val}.txt, OUT/class_names.txt, OUT/toy_meta.json
-(generation args, class -> home background, per-object backgrounds, completion marker) and OUT/tiny_clip.pt ({"state_dict", "meta"}, read by clip.load).
+(generation args, class -> home background, per-object backgrounds, completion marker) and
+OUT/tiny_clip.pt ({"state_dict", "meta"}, read by clip.load).
 Work already done with the same arguments is skipped; --force redoes everything.
 """
 import argparse
@@ -663,7 +664,8 @@ def main(args):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=str, default=os.path.join(common.REPO, "data", "toy"),
-                   help="output folder (VOC layout); the default is the repository's data/toy, where --dataset toy looks")
+                   help="output folder (VOC layout); the default is the repository's data/toy, where "
+                        "--dataset toy looks")
     p.add_argument("--size", type=int, default=96, help="image side in pixels")
     p.add_argument("--n_train", type=int, default=2000, help="train_aug images")
     p.add_argument("--n_val", type=int, default=300, help="val images")

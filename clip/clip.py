@@ -93,7 +93,7 @@ def _read_checkpoint(path):
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # metadata with arbitrary objects (e.g. an argparse Namespace): trusted local file
+        except pickle.UnpicklingError:  # metadata with arbitrary objects (e.g. an argparse Namespace): trusted file
             obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a text file, a truncated download, ...: say which file, not torch's internals
         reason = f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0].split(". ")[0][:150]
