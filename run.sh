@@ -8,9 +8,9 @@
 #   bash run.sh --coco data/coco --clip ViT-B/32 --init ... --seg_init ... --gpus 8
 #   bash run.sh --seed 1 --out out/toy_seed1   # another pipeline seed
 #
-# Stops at the first failure. A finished step leaves OUT/.done/STEP holding the command that made it;
-# it is skipped on the next run only if the command is the same (else it is redone from scratch, and so
-# is every step after it). An interrupted training step resumes from its own checkpoint. Extra flags for
+# Stops at the first failure. A finished step leaves OUT/.done/STEP holding the command that made it and a
+# key of its inputs (the dataset's files, the CLIP and --init files); it is skipped on the next run only if
+# both are the same (else it is redone from scratch, and so is every step after it). An interrupted training step resumes from its own checkpoint. Extra flags for
 # one stage: CAM_ARGS, MATCH_ARGS, PROMPT_ARGS, REFINE_ARGS, PSEUDO_ARGS, SEG_ARGS, TOY_ARGS.
 # Writes OUT/results.json (every number of the printed table) and prints the table.
 set -euo pipefail
@@ -66,12 +66,12 @@ REDO=0
 
 step() {  # step NAME DIR command...: run unless done with the same command; a redone step redoes the rest
   local name=$1 dir=$2; shift 2
-  local want="$*"
+  local want="$*${INPUTS:+ [inputs $INPUTS]}"
   if [ "$REDO" = 0 ] && [ -f "$OUT/.done/$name" ] && [ "$(head -n 1 "$OUT/.done/$name")" = "$want" ]; then
     echo "== $name: done, skipped"; return
   fi
   if [ -f "$OUT/.done/$name" ]; then  # made by another command, or from an input that was redone
-    echo "== $name: its command or an earlier step changed, redoing it from scratch"
+    echo "== $name: its command, its inputs or an earlier step changed, redoing it from scratch"
     rm -f "$OUT/.done/$name"
     [ -z "$dir" ] || rm -rf "$dir"
   fi
@@ -95,6 +95,11 @@ seeds() {  # seeds NAME CHECKPOINT: CAMs of the train list, threshold sweep (see
 if [ -n "${MAKE_TOY:-}" ]; then
   step toy "" "$PY" make_toy.py --out "$DATA" ${TOY_ARGS:-}
 fi
+# What every later step reads besides its command: the dataset's files and the CLIP and --init files (names,
+# sizes, times). It is part of each step's key, so an edited mask or another CLIP file redoes the steps.
+INPUTS=$( (find "$DATA" -type f -printf '%P %s %T@\n' | LC_ALL=C sort
+           for f in "$CLIP" "$INIT" "$SEG_INIT"; do [ -f "$f" ] && stat -c '%n %s %Y' "$f"; done; true) \
+         | sha256sum | cut -c1-16)
 INIT_FLAG=(); [ -n "$INIT" ] && INIT_FLAG=(--init "$INIT")
 SEG_INIT_FLAG=(); [ -n "$SEG_INIT" ] && SEG_INIT_FLAG=(--init "$SEG_INIT")
 CAM=$OUT/cam/checkpoint.pt

@@ -1,6 +1,6 @@
 """run.sh end to end on a very small toy configuration: every step runs, the table is printed with
-numbers, results.json holds them, a second run skips the finished steps, and a changed flag redoes its
-step and every step after it."""
+numbers, results.json holds them, a second run skips the finished steps, a changed flag redoes its
+step and every step after it, and so does an edited dataset file."""
 import json
 import os
 import re
@@ -40,6 +40,12 @@ def test_run_sh_prints_the_table(tmp_path):
     assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
     assert "== match: done, skipped" in changed.stdout and "== prompt: its command" in changed.stdout
     assert "== refine: its command" in changed.stdout and "== seg: its command" in changed.stdout
+    # an edited mask (same command): the steps that read the dataset are redone
+    mask = sorted((tmp_path / "toy" / "SegmentationClass").iterdir())[0]
+    os.utime(mask, (1, 1))
+    edited = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert edited.returncode == 0, edited.stdout[-3000:] + edited.stderr[-3000:]
+    assert "== toy: done, skipped" in edited.stdout and "== cam: its command, its inputs" in edited.stdout
 
 
 def test_run_sh_never_writes_into_a_users_dataset(tmp_path):
