@@ -566,12 +566,21 @@ def check_resume(saved, current, path, free=()):
                          "or pass --no-resume / another --out to start afresh")
 
 
-def fresh_start(path, log):
-    """--no-resume: the old checkpoint goes now, said in the log, rather than stay until the first save
-    (a run killed before it would leave another experiment's state to be resumed from)."""
-    if os.path.exists(path):
-        os.remove(path)
-        log(f"--no-resume: removed the old {path}; starting afresh")
+def resume_or_start(args, path, kind, log, rank, free=()):
+    """The checkpoint at `path` to resume from (its flags checked by check_resume), or None for a fresh
+    start: then rank 0 writes OUT/args.json, and with --no-resume first removes the old checkpoint, said in
+    the log, rather than leave it until the first save (a run killed before that would leave another
+    experiment's state to be resumed from)."""
+    if args.resume and os.path.exists(path):
+        ckpt = load_checkpoint(path, kind, "--out")
+        check_resume(ckpt["args"], vars(args), path, free)
+        return ckpt
+    if rank == 0:
+        if not args.resume and os.path.exists(path):
+            os.remove(path)
+            log(f"--no-resume: removed the old {path}; starting afresh")
+        save_args(args, args.out)
+    return None
 
 
 def progress(iterable, desc, enabled=True, total=None):

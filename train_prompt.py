@@ -109,17 +109,12 @@ def main(args):
     lr = args.lr * args.batch_size / 512
     opt = torch.optim.AdamW(prompts.parameters(), lr=lr, weight_decay=args.weight_decay)
     start = 0
-    if args.resume and os.path.exists(out_path):
-        ckpt = common.load_checkpoint(out_path, "prompts", "--out")
-        common.check_resume(ckpt["args"], vars(args), out_path)
+    ckpt = common.resume_or_start(args, out_path, "prompts", log, rank)
+    if ckpt is not None:
         prompts.prompts.data.copy_(ckpt["prompts"])
         opt.load_state_dict(ckpt["optimizer"])
         start = ckpt["epoch"]
         log(f"resumed from {out_path} at epoch {start}/{args.epochs}")
-    elif rank == 0:
-        if not args.resume:
-            common.fresh_start(out_path, log)
-        common.save_args(args, args.out)
     model = DDP(prompts) if world > 1 else prompts
 
     def save(epoch):

@@ -324,21 +324,16 @@ def main(args):
                           momentum=args.momentum, weight_decay=args.weight_decay)
 
     start = 0
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = common.load_checkpoint(ckpt_path, "segmenter", "--out")
+    ckpt = common.resume_or_start(args, ckpt_path, "segmenter", log, rank, RESUME_FREE)
+    if ckpt is not None:
         if ckpt["num_classes"] != K:
             raise ValueError(f"{ckpt_path} has {ckpt['num_classes']} classes, the dataset {K}; use a new --out")
-        common.check_resume(ckpt["args"], vars(args), ckpt_path, RESUME_FREE)
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         start = ckpt["iter"]
         if start > args.iters:
             raise ValueError(f"{ckpt_path} is at iteration {start}, past --iters {args.iters}; use a new --out")
         log(f"resumed from {ckpt_path} at iteration {start}/{args.iters}")
-    elif rank == 0:
-        if not args.resume:
-            common.fresh_start(ckpt_path, log)
-        common.save_args(args, args.out)
     model = net
     if world > 1:
         if device.type == "cuda" and not args.freeze_bn:

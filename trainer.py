@@ -6,7 +6,6 @@ cosine, DDP, bf16 autocast, resume, checkpoints and the epoch line in OUT/log.tx
 Nothing in this file decides what S learns: read the stage files for that.
 """
 import argparse
-import os
 import time
 
 import torch
@@ -72,19 +71,14 @@ def train(args, objective, stage, S=None, extra=None, extra_lr=None):
     opt = torch.optim.AdamW(groups, lr=0.0, weight_decay=args.weight_decay)
 
     start = 0
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = common.load_checkpoint(ckpt_path, "mask_generator", "--out")
-        common.check_resume(ckpt["args"], vars(args), ckpt_path)
+    ckpt = common.resume_or_start(args, ckpt_path, "mask_generator", log, rank)
+    if ckpt is not None:
         S.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         if extra is not None:
             extra.load_state_dict(ckpt["extra"])
         start = ckpt["epoch"]
         log(f"resumed from {ckpt_path} at epoch {start}/{args.epochs}")
-    elif rank == 0:
-        if not args.resume:
-            common.fresh_start(ckpt_path, log)
-        common.save_args(args, args.out)
     model = DDP(S, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else S
 
     base_lr, steps = args.lr * args.batch_size / 512, len(loader)
