@@ -205,6 +205,37 @@ def read_class_names(root, dataset="toy"):
     raise FileNotFoundError(f"{path} not found and dataset '{dataset}' has no built-in class list")
 
 
+def read_clusters(path, class_names, flag="--clusters"):
+    """A category-cluster file (clusters/*.json: {"cluster name": [class, ...]}) checked against the
+    dataset's classes: every class in exactly one cluster. Returns {cluster name: [class, ...]} in file order."""
+    try:
+        with open(path) as f:
+            clusters = json.load(f)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise ValueError(f"{flag} {path} is not valid JSON ({e})") from None
+    if not (isinstance(clusters, dict) and clusters and all(
+            isinstance(v, list) and v and all(isinstance(c, str) for c in v) for v in clusters.values())):
+        raise ValueError(f'{flag} {path} must be a JSON object {{"cluster name": ["class", ...], ...}} with '
+                         "non-empty lists of class names")
+    seen = {}
+    for name, members in clusters.items():
+        for c in members:
+            if c not in class_names:
+                raise ValueError(f"{flag} {path}: cluster '{name}' names '{c}', which is not a class of the "
+                                 f"dataset ({', '.join(class_names[:6])}...)")
+            if c in seen:
+                raise ValueError(f"{flag} {path}: class '{c}' is in two clusters, '{seen[c]}' and '{name}'; "
+                                 "put every class in exactly one")
+            seen[c] = name
+    missing = [c for c in class_names if c not in seen]
+    if missing:
+        raise ValueError(f"{flag} {path}: class(es) {', '.join(missing)} in no cluster; put every class in "
+                         "exactly one (a cluster may hold a single class)")
+    return clusters
+
+
 def mask_dir(root):
     """VOC keeps the 10,582 train_aug masks (SBD) in SegmentationClassAug; VOC's own and the toy's are
     in SegmentationClass."""

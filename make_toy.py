@@ -5,7 +5,8 @@ pipeline run, be tested and be measured end to end on a 2-core CPU (this script:
     .venv/bin/python make_toy.py --out data/toy
 
 Writes OUT/JPEGImages/{id}.jpg, OUT/SegmentationClass/{id}.png (0 background, 1..K, 255 border band),
-OUT/ImageSets/Segmentation/{train_aug,train,val}.txt, OUT/class_names.txt, OUT/toy_meta.json
+OUT/ImageSets/Segmentation/{train_aug,train,val}.txt, OUT/class_names.txt, OUT/clusters.json (category
+clusters, a copy of clusters/toy.json), OUT/toy_meta.json
 (generation args, class -> home background, per-object backgrounds, completion marker) and
 OUT/tiny_clip.pt ({"state_dict", "meta"}, read by clip.load).
 Work already done with the same arguments is skipped; --force redoes everything.
@@ -338,6 +339,7 @@ def generate_dataset(out, n_train=2000, n_val=300, n_train_subset=300, size=96, 
     meta_path = os.path.join(out, "toy_meta.json")
     old = _read_json(meta_path)
     if not force and old and old.get("complete") and old.get("args") == args:
+        write_clusters(out)  # a world made before the cluster file existed gets it too
         return old
     if os.path.exists(meta_path):
         os.remove(meta_path)  # an interrupted run must not look complete
@@ -365,6 +367,7 @@ def generate_dataset(out, n_train=2000, n_val=300, n_train_subset=300, size=96, 
             f.write("".join(i + "\n" for i in ids))
     with common.atomic_path(os.path.join(out, "class_names.txt")) as tmp, open(tmp, "w") as f:
         f.write("".join(n + "\n" for n in NAMES))
+    write_clusters(out)
     labels = common.derive_labels(out, sorted(images))  # the loaders derive them too: no label file here
     if os.path.exists(os.path.join(out, "cls_labels.json")):  # an older version's, which nothing reads
         os.remove(os.path.join(out, "cls_labels.json"))
@@ -373,6 +376,17 @@ def generate_dataset(out, n_train=2000, n_val=300, n_train_subset=300, size=96, 
     with common.atomic_path(meta_path) as tmp, open(tmp, "w") as f:
         json.dump(meta, f, indent=0)
     return meta
+
+
+def write_clusters(out):
+    """OUT/clusters.json: the repository's clusters/toy.json (category clusters of the toy classes, for
+    train_cam.py --clusters), checked against the classes. Written only when it differs, so that a rerun
+    leaves the world's files (and run.sh's key of them) as they were."""
+    clusters = common.read_clusters(os.path.join(common.REPO, "clusters", "toy.json"), NAMES, "clusters/toy.json")
+    path = os.path.join(out, "clusters.json")
+    if _read_json(path) != clusters:
+        with common.atomic_path(path) as tmp, open(tmp, "w") as f:
+            json.dump(clusters, f, indent=1)
 
 
 def dataset_summary(images, labels, splits):

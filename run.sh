@@ -7,6 +7,8 @@
 #       --init data/resnet50-imagenet.pth --seg_init data/resnet101-imagenet.pth --gpus 4
 #   bash run.sh --coco data/coco --clip ViT-B/32 --init ... --seg_init ... --gpus 8
 #   bash run.sh --seed 1 --out out/toy_seed1   # another pipeline seed
+#   bash run.sh --clusters data/toy/clusters.json --out out/toy_clusters   # CAM network with category clusters
+#   bash run.sh --no-seg               # stop after the seeds and pseudo masks of the train list (no segmenter)
 #
 # Stops at the first failure. A finished step leaves OUT/.done/STEP holding the command that made it and a
 # key of its inputs (the dataset's files, the CLIP and --init files); it is skipped on the next run only if
@@ -18,10 +20,10 @@ cd "$(dirname "$0")"
 
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-DATASET=toy DATA="" CLIP="" INIT="" SEG_INIT="" GPUS=1 OUT="" DEVICE="" SEED=504
+DATASET=toy DATA="" CLIP="" INIT="" SEG_INIT="" GPUS=1 OUT="" DEVICE="" SEED=504 CLUSTERS="" SEG=1
 while [ $# -gt 0 ]; do
   case "$1" in
-    --voc|--coco|--toy|--clip|--init|--seg_init|--gpus|--out|--device|--seed)
+    --voc|--coco|--toy|--clip|--init|--seg_init|--gpus|--out|--device|--seed|--clusters)
       [ $# -ge 2 ] || { echo "run.sh: $1 needs a value (see bash run.sh --help)" >&2; exit 2; } ;;
   esac
   case "$1" in
@@ -35,7 +37,9 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --device) DEVICE=$2; shift 2 ;;
     --seed) SEED=$2; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    --clusters) CLUSTERS=$2; shift 2 ;;
+    --no-seg) SEG=0; shift ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument '$1' (see bash run.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -56,6 +60,10 @@ else
   [ -n "$CLIP" ] || CLIP=ViT-B/32
   [ -d "$DATA" ] || { echo "run.sh: dataset folder $DATA not found (see README 'Data')" >&2; exit 2; }
 fi
+# DATA/clusters.json of a toy world is written by its make_toy step: it may not exist yet
+[ -z "$CLUSTERS" ] || [ -f "$CLUSTERS" ] || { [ -n "${MAKE_TOY:-}" ] && [ "$CLUSTERS" = "$DATA/clusters.json" ]; } || {
+  echo "run.sh: --clusters file $CLUSTERS not found (clusters/voc.json, clusters/coco.json, DATA/clusters.json)" >&2
+  exit 2; }
 [ -n "$DEVICE" ] || DEVICE=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 
 COMMON=(--dataset "$DATASET" --data "$DATA" --device "$DEVICE" --seed "$SEED")
@@ -98,13 +106,15 @@ fi
 # What every later step reads besides its command: the dataset's files and the CLIP and --init files (names,
 # sizes, times). It is part of each step's key, so an edited mask or another CLIP file redoes the steps.
 INPUTS=$( (find "$DATA" -type f -printf '%P %s %T@\n' | LC_ALL=C sort
-           for f in "$CLIP" "$INIT" "$SEG_INIT"; do [ -f "$f" ] && stat -c '%n %s %Y' "$f"; done; true) \
+           for f in "$CLIP" "$INIT" "$SEG_INIT" "$CLUSTERS"; do [ -f "$f" ] && stat -c '%n %s %Y' "$f"; done; true) \
          | sha256sum | cut -c1-16)
 INIT_FLAG=(); [ -n "$INIT" ] && INIT_FLAG=(--init "$INIT")
 SEG_INIT_FLAG=(); [ -n "$SEG_INIT" ] && SEG_INIT_FLAG=(--init "$SEG_INIT")
+CLUSTER_FLAG=(); [ -n "$CLUSTERS" ] && CLUSTER_FLAG=(--clusters "$CLUSTERS")
 CAM=$OUT/cam/checkpoint.pt
 
-step cam "$OUT/cam" "${TRAIN[@]}" train_cam.py "${COMMON[@]}" --out "$OUT/cam" "${INIT_FLAG[@]}" ${CAM_ARGS:-}
+step cam "$OUT/cam" "${TRAIN[@]}" train_cam.py "${COMMON[@]}" --out "$OUT/cam" "${INIT_FLAG[@]}" "${CLUSTER_FLAG[@]}" \
+  ${CAM_ARGS:-}
 step seeds_cam "$OUT/seeds_cam" seeds seeds_cam "$CAM"
 step match "$OUT/match" "${TRAIN[@]}" train_match.py "${COMMON[@]}" --clip "$CLIP" --init "$CAM" --out "$OUT/match" ${MATCH_ARGS:-}
 step seeds_a "$OUT/seeds_a" seeds seeds_a "$OUT/match/checkpoint.pt"
@@ -113,37 +123,40 @@ step prompt "$OUT/prompt" "${TRAIN[@]}" train_prompt.py "${COMMON[@]}" --clip "$
 step refine "$OUT/refine" "${TRAIN[@]}" train_refine.py "${COMMON[@]}" --clip "$CLIP" --init "$CAM" \
   --prompts "$OUT/prompt/prompts.pt" --out "$OUT/refine" ${MATCH_ARGS:-} ${REFINE_ARGS:-}
 step seeds_c "$OUT/seeds_c" seeds seeds_c "$OUT/refine/checkpoint.pt"
+if [ "$SEG" = 1 ]; then
 step pseudo "$OUT/pseudo" "$PY" make_pseudo.py "${COMMON[@]}" --checkpoint "$OUT/refine/checkpoint.pt" --split train_aug \
   --out "$OUT/pseudo" ${PSEUDO_ARGS:-}
 step seg "$OUT/seg" "${TRAIN[@]}" train_seg.py "${COMMON[@]}" --masks "$OUT/pseudo/masks" --out "$OUT/seg" \
   "${SEG_INIT_FLAG[@]}" ${SEG_ARGS:-}
 step seg_eval "" "$PY" eval_miou.py --dataset "$DATASET" --data "$DATA" --split val --pred "$OUT/seg/pred" \
   --json "$OUT/seg/val.json"
+fi
 }
 
-"$PY" - "$OUT" "$DATASET" "$SEED" <<'EOF'
+"$PY" - "$OUT" "$DATASET" "$SEED" "$SEG" "$CLUSTERS" <<'EOF'
 import json, os, sys
-out, dataset, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+out, dataset, seed, seg, clusters = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
 def read(path):
     with open(os.path.join(out, path)) as f:
         return json.load(f)
 rows = {"cam": "CAM network", "a": "stage (a) only: L_match", "c": "SemPLeS (a)+(b)+(c)"}
-res = {"dataset": dataset, "seed": seed}
+res = {"dataset": dataset, "seed": seed, "clusters": clusters or None}
 for key in rows:
     s, m = read(f"seeds_{key}/seed.json"), read(f"seeds_{key}/mask.json")
     res[key] = {"seed_miou": round(s["miou"], 2), "seed_threshold": s["best_threshold"],
                 "pseudo_miou": round(m["miou"], 2)}
-res["segmenter_val_miou"] = round(read("seg/val.json")["miou"], 2)
+res["segmenter_val_miou"] = round(read("seg/val.json")["miou"], 2) if seg else None  # None: --no-seg
 tmp = os.path.join(out, "results.json.tmp")
 with open(tmp, "w") as f:
     json.dump(res, f, indent=1)
 os.replace(tmp, os.path.join(out, "results.json"))
-print(f"\nSemPLeS on {dataset}, seed {seed} (mIoU %; seeds at the best background threshold of a sweep, "
+print(f"\nSemPLeS on {dataset}, seed {seed}{', CAM network with clusters' if clusters else ''} (mIoU %; seeds at the best background threshold of a sweep, "
       "as papers report them; pseudo masks at the fixed preset threshold)")
 print(f"{'':34s} {'seed (CAM), train':>17s} {'pseudo mask, train':>19s}")
 for key, name in rows.items():
     r = res[key]
     print(f"{name:34s} {r['seed_miou']:10.2f} t={r['seed_threshold']:<4.2f} {r['pseudo_miou']:19.2f}")
-print(f"{'segmenter on pseudo masks, val':34s} {res['segmenter_val_miou']:37.2f}")
+seg_cell = f"{res['segmenter_val_miou']:37.2f}" if seg else f"{'not run (--no-seg)':>37s}"
+print(f"{'segmenter on pseudo masks, val':34s} {seg_cell}")
 print(f"results: {os.path.join(out, 'results.json')}")
 EOF

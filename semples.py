@@ -86,17 +86,27 @@ class MaskGenerator(nn.Module):
     that makes S a CAM network in the first place.
     """
 
-    def __init__(self, backbone="resnet50", num_classes=20, output_stride=16):
+    def __init__(self, backbone="resnet50", num_classes=20, output_stride=16, clusters=None):
         super().__init__()
         self.backbone, channels = build_backbone(backbone, output_stride)
         self.classifier = nn.Conv2d(channels, num_classes, 1, bias=False)  # the CLIMS/IRN 1x1 classifier
+        # Category clusters (optional, train_cam.py --clusters; docs/method.md): one shared map per cluster,
+        # added to the map of each of its classes. Zero at the start, so S starts as the plain CAM network.
+        self.clusters = [list(c) for c in clusters] if clusters else None
+        if self.clusters:
+            of = [i for k in range(num_classes) for i, members in enumerate(self.clusters) if k in members]
+            if sorted(k for c in self.clusters for k in c) != list(range(num_classes)):
+                raise ValueError(f"clusters {self.clusters} must hold each of the {num_classes} classes once")
+            self.register_buffer("cluster_of", torch.tensor(of), persistent=False)
+            self.cluster_classifier = nn.Conv2d(channels, len(self.clusters), 1, bias=False)
+            nn.init.zeros_(self.cluster_classifier.weight)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.frozen_backbone = False
 
     def set_trainable(self, part):
-        """'all', or 'head': only the 1x1 classifier trains, on the fixed features of the CAM network
-        (the authors' release detaches the backbone features in stages (a) and (c))."""
+        """'all', or 'head': only the 1x1 classifier (and the clusters' 1x1 layer, if any) trains, on the
+        fixed features of the CAM network (the authors' release detaches the backbone features in (a), (c))."""
         if part not in ("all", "head"):
             raise ValueError(f"--train must be 'all' or 'head', got {part!r}")
         self.frozen_backbone = part == "head"
@@ -110,20 +120,29 @@ class MaskGenerator(nn.Module):
             self.backbone.eval()  # fixed features: BatchNorm keeps the CAM network's statistics
         return self
 
-    def forward(self, x):
+    def forward(self, x, cluster_maps=False):
+        """CAMs [B, K, h, w]; with `cluster_maps` (train_cam.py --clusters) also the clusters' shared maps
+        [B, C, h, w], which cluster-level supervision trains."""
         x = (x - self.mean) / self.std
         if self.frozen_backbone:
             with torch.no_grad():
                 features = self.backbone(x)
         else:
             features = self.backbone(x)
-        return self.classifier(features)
+        cams = self.classifier(features)
+        if self.clusters is None:
+            if cluster_maps:
+                raise ValueError("this S has no clusters (train_cam.py --clusters)")
+            return cams
+        shared = self.cluster_classifier(features)
+        cams = cams + shared[:, self.cluster_of]  # each class draws on what its cluster shares
+        return (cams, shared) if cluster_maps else cams
 
 
-def build_mask_generator(backbone, num_classes, output_stride, init=None):
+def build_mask_generator(backbone, num_classes, output_stride, init=None, clusters=None):
     """A fresh S for train_cam.py; `init` is an ImageNet torchvision state-dict file (backbone only) or
-    None (random init, fine for the toy world)."""
-    S = MaskGenerator(backbone, num_classes, output_stride)
+    None (random init, fine for the toy world); `clusters` a list of class-index lists, or None."""
+    S = MaskGenerator(backbone, num_classes, output_stride, clusters)
     if not init:
         return S
     obj = read_torch_file(init, "--init", "pass an ImageNet torchvision state-dict file, or nothing (random init)")
@@ -142,7 +161,7 @@ def load_mask_generator(path, device, flag="--checkpoint", class_names=None):
         raise ValueError(f"{flag} {path} was trained for classes {ckpt['class_names'][:4]}... "
                          f"({ckpt['num_classes']}), the dataset has {list(class_names)[:4]}... ({len(class_names)})")
     a = ckpt["args"]
-    S = MaskGenerator(a["backbone"], ckpt["num_classes"], a["output_stride"])
+    S = MaskGenerator(a["backbone"], ckpt["num_classes"], a["output_stride"], ckpt.get("clusters"))
     S.load_state_dict(ckpt["model"])
     return S.to(device).eval(), ckpt
 

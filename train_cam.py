@@ -4,8 +4,14 @@ are the seeds every WSSS method starts from; SemPLeS's stages (a) and (c) both s
 
     L_cls = multi-label soft margin( GAP(CAMs), y )       (the pooled CAMs are the class scores)
 
+With --clusters FILE (category clusters, after PCC, arXiv 2412.13823; docs/method.md): each cluster of
+similar classes gets a shared map, added to the map of each of its classes, and cluster-level supervision
+trains it (a cluster is present when any of its classes is):
+    L = L_cls + multi-label soft margin( GAP(shared maps), y_cluster ),   y_cluster_c = max_{k in c} y_k
+
 Toy world (CPU, about 2 minutes):
     python train_cam.py --dataset toy --device cpu
+    python train_cam.py --dataset toy --device cpu --clusters data/toy/clusters.json --out out/toy/cam_clusters
 VOC (one GPU; `torchrun --nproc_per_node 4 train_cam.py ...` for four):
     python train_cam.py --dataset voc --init data/resnet50-imagenet.pth
 
@@ -13,6 +19,7 @@ Reads the images and their labels (derived from the masks); writes OUT/checkpoin
 epoch, args; resumed from if present), OUT/log.txt, OUT/args.json. The architecture and input size
 chosen here travel in the checkpoint: later stages rebuild S from it.
 """
+import torch
 import torch.nn.functional as F
 
 import common
@@ -35,21 +42,36 @@ def build_parser():
     p.add_argument("--backbone", type=str, default="resnet50", choices=BACKBONES, help="backbone of S")
     p.add_argument("--output_stride", type=int, default=16, choices=(8, 16, 32), help="output stride of S")
     p.add_argument("--size", type=common.positive_int, default=448, help="S input size (square)")
+    p.add_argument("--clusters", type=str, default=None,
+                   help="category-cluster JSON (clusters/voc.json, clusters/coco.json, DATA/clusters.json for the "
+                        "toy world): shared cluster maps with cluster-level supervision; none = off")
     return p
+
+
+# ---------------- the objective ----------------
+def objective(out, y, clusters=None):
+    """L_cls on the class maps; with `clusters` (class-index lists), `out` is (class maps, cluster maps) and
+    L_cluster supervises each cluster's shared map with its cluster label (present if any member is)."""
+    cams, shared = out if clusters else (out, None)
+    L_cls = F.multilabel_soft_margin_loss(cams.float().mean((2, 3)), y)
+    if shared is None:
+        return L_cls, {"L_cls": L_cls}
+    y_cluster = torch.stack([y[:, members].amax(1) for members in clusters], 1)
+    L_cluster = F.multilabel_soft_margin_loss(shared.float().mean((2, 3)), y_cluster)
+    return L_cls + L_cluster, {"L_cls": L_cls, "L_cluster": L_cluster}
+# ------------------------------------------------
 
 
 def main(args):
     common.seed_everything(args.seed)  # before any weight is initialised
     names = common.read_class_names(args.data, args.dataset)
-    S = build_mask_generator(args.backbone, len(names), args.output_stride, args.init)
+    clusters = None
+    if args.clusters:
+        args.cluster_groups = common.read_clusters(args.clusters, names)  # in args: a changed file is not resumed
+        clusters = [[names.index(c) for c in members] for members in args.cluster_groups.values()]
+    S = build_mask_generator(args.backbone, len(names), args.output_stride, args.init, clusters)
 
-    # ---------------- the objective ----------------
-    def objective(x, y, cams):
-        L_cls = F.multilabel_soft_margin_loss(cams.float().mean((2, 3)), y)
-        return L_cls, {"L_cls": L_cls}
-    # ------------------------------------------------
-
-    trainer.train(args, objective, "cam", S=S)
+    trainer.train(args, lambda x, y, out: objective(out, y, clusters), "cam", S=S, cluster_maps=bool(clusters))
 
 
 if __name__ == "__main__":

@@ -46,10 +46,11 @@ def add_flags(p, epochs, lr, batch_size, matching=False):
     return p
 
 
-def train(args, objective, stage, S=None, extra=None, extra_lr=None):
+def train(args, objective, stage, S=None, extra=None, extra_lr=None, cluster_maps=False):
     """Train S (built by the caller, or rebuilt from the --init checkpoint) with `objective` for
     args.epochs. `extra`: another module trained alongside S at `extra_lr` (the prompts, in joint
-    training); saved in the checkpoint as "extra". Writes OUT/checkpoint.pt every epoch; returns its path."""
+    training); saved in the checkpoint as "extra". `cluster_maps`: the objective gets (CAMs, cluster maps)
+    instead of the CAMs. Writes OUT/checkpoint.pt every epoch; returns its path."""
     device, rank, world, log, ckpt_path, names = common.begin(args)
     K = len(names)
     if S is None:
@@ -93,7 +94,7 @@ def train(args, objective, stage, S=None, extra=None, extra_lr=None):
                 g["lr"] = lr * g["lr_scale"]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with common.autocast(device, args.amp):
-                loss, terms = objective(x, y, model(x))
+                loss, terms = objective(x, y, model(x, cluster_maps=True) if cluster_maps else model(x))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} step {it}; lower --lr")
             opt.zero_grad(set_to_none=True)
@@ -107,7 +108,7 @@ def train(args, objective, stage, S=None, extra=None, extra_lr=None):
             common.save_checkpoint({"kind": "mask_generator", "stage": stage, "model": S.state_dict(),
                                     "optimizer": opt.state_dict(), "epoch": epoch + 1, "epochs": args.epochs,
                                     "done": epoch + 1 == args.epochs, "num_classes": K, "class_names": names,
-                                    "extra": None if extra is None else extra.state_dict(),
+                                    "clusters": S.clusters, "extra": None if extra is None else extra.state_dict(),
                                     "args": vars(args)}, ckpt_path)
     log(f"done: {ckpt_path}")
     common.cleanup_distributed()

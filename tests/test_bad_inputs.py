@@ -3,6 +3,7 @@
 imports), plus the reliability rules behind them: labels follow the masks and nothing is written into
 the dataset, CAM reuse is keyed per file, resume refuses changed flags, presets show in --help and their
 paths do not depend on the working directory."""
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import common
+import compare_clusters
 import eval_miou
 import make_pseudo
 import semples
@@ -23,7 +25,8 @@ import train_refine
 import train_seg
 
 SCRIPTS = {"train_cam": train_cam, "train_match": train_match, "train_prompt": train_prompt,
-           "train_refine": train_refine, "make_pseudo": make_pseudo, "train_seg": train_seg, "eval_miou": eval_miou}
+           "train_refine": train_refine, "make_pseudo": make_pseudo, "train_seg": train_seg, "eval_miou": eval_miou,
+           "compare_clusters": compare_clusters}
 CPU = ["--dataset", "toy", "--device", "cpu", "--workers", "0"]
 
 
@@ -60,6 +63,11 @@ def w(toy_world, tmp_path_factory):
     (tmp / "text.pt").write_text("not a checkpoint\n")
     (tmp / "truncated.pt").write_bytes(open(toy_world["clip"], "rb").read()[:50000])
     (tmp / "afile").write_text("x")
+    names = toy_world["class_names"]
+    for bad, clusters in {"unknown": {"a": names + ["unicorn"]}, "twice": {"a": names, "b": names[:1]},
+                          "missing": {"a": names[1:]}}.items():
+        (tmp / f"{bad}.json").write_text(json.dumps(clusters))
+    (tmp / "notjson.json").write_text("{vehicles: boat}")
     return dict(toy_world, tmp=tmp, S=fake_S(tmp / "S.pt", toy_world["class_names"], 0),
                 gt=os.path.join(toy_world["root"], "SegmentationClass"))
 
@@ -93,6 +101,16 @@ CASES = [  # (kind, script, argv, fragments the message must hold)
      ["--out", "afile/run", "Not a directory"]),
     ("--mask_dir under a file", "make_pseudo", CPU + ["--data", "{root}", "--out", "{tmp}/p", "--masks_only",
                                                       "--mask_dir", "{tmp}/afile/m"], ["--mask_dir", "afile/m"]),
+    ("cluster file: unknown class", "train_cam", TRAIN + ["--clusters", "{tmp}/unknown.json"],
+     ["--clusters", "unknown.json", "'unicorn'", "not a class"]),
+    ("cluster file: class in two clusters", "train_cam", TRAIN + ["--clusters", "{tmp}/twice.json"],
+     ["--clusters", "twice.json", "in two clusters", "'a' and 'b'"]),
+    ("cluster file: missing class", "train_cam", TRAIN + ["--clusters", "{tmp}/missing.json"],
+     ["--clusters", "missing.json", "in no cluster"]),
+    ("cluster file: not JSON", "train_cam", TRAIN + ["--clusters", "{tmp}/notjson.json"],
+     ["--clusters", "notjson.json", "not valid JSON"]),
+    ("cluster file: absent", "train_cam", TRAIN + ["--clusters", "{tmp}/nowhere.json"],
+     ["--clusters", "nowhere.json", "cannot read"]),
     ("--json under a file", "eval_miou", ["--dataset", "toy", "--data", "{root}", "--pred", "{gt}", "--json",
                                           "{tmp}/afile/r.json"], ["--json", "afile is a file"]),
 ]

@@ -46,6 +46,18 @@ def test_run_sh_prints_the_table(tmp_path):
     edited = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert edited.returncode == 0, edited.stdout[-3000:] + edited.stderr[-3000:]
     assert "== toy: done, skipped" in edited.stdout and "== cam: its command, its inputs" in edited.stdout
+    # category clusters reach the CAM step (and redo it); --no-seg stops before the segmenter
+    clusters = str(tmp_path / "toy" / "clusters.json")
+    cl = subprocess.run(cmd + ["--clusters", clusters, "--no-seg"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+    assert cl.returncode == 0, cl.stdout[-3000:] + cl.stderr[-3000:]
+    assert "== cam: its command" in cl.stdout and f"--clusters {clusters}" in (tmp_path / "out" / ".done" / "cam").read_text()
+    assert "== seg" not in cl.stdout and re.search(r"^segmenter on pseudo masks, val\s+not run \(--no-seg\)$", cl.stdout, re.M)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["segmenter_val_miou"] is None and results["clusters"] == clusters
+    bad = subprocess.run(cmd + ["--clusters", str(tmp_path / "none.json")], cwd=REPO, env=env, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "--clusters file" in bad.stderr and "none.json" in bad.stderr
 
 
 def test_run_sh_never_writes_into_a_users_dataset(tmp_path):
