@@ -315,6 +315,10 @@ def main(args):
     net = build_segmenter(vars(args), K + 1)
     if args.init:
         load_imagenet(net, args.init, args.backbone)
+    elif args.freeze_bn:  # frozen statistics of random weights: activations blow up through 101 layers (NaN)
+        raise ValueError("--freeze_bn keeps the backbone's BatchNorm statistics fixed, which needs ImageNet weights: "
+                         "pass --init FILE (run.sh: --seg_init; README 'Data'), or --no-freeze_bn to train from "
+                         "random weights")
     net = net.to(device)
     head_w = [c.weight for c in net.aspp]
     head_b = [c.bias for c in net.aspp]
