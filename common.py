@@ -471,13 +471,54 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def _reduce_device():
+    """Where a tensor to all_reduce must live: NCCL reduces CUDA tensors only, gloo CPU ones."""
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
 def all_reduce_mean(value, world):
     """Average a python float over processes (for logging)."""
     if world == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=_reduce_device())
     dist.all_reduce(t)
     return t.item() / world
+
+
+def rank_share(batch, rank, world, flag="--batch_size"):
+    """This process's slice (start, stop) of a global batch of `batch` items, as even as possible: the first
+    batch % world processes take one more. The slices of all processes are the 1-process batch, in order, so
+    any process count trains on the same batches (global_mean_weight makes the gradient the same too)."""
+    if world > batch:
+        raise ValueError(f"{flag} {batch} is smaller than the {world} processes (each needs at least one item "
+                         f"of every batch); raise {flag} or use fewer processes")
+    base, extra = divmod(batch, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def global_mean_weight(count, world):
+    """The factor that turns this process's mean loss (over its `count` pairs, images or pixels) into its
+    part of the mean over the whole global batch, as DDP sees it. DDP averages gradients over processes,
+    and a plain average of per-process means is not the global mean when processes hold different counts
+    (an uneven batch split, or a different number of classes per image): weighting each local mean by
+    count * world / (count summed over processes) makes DDP's average exactly the 1-process gradient.
+    1.0 in one process, so single-process runs compute what they always did."""
+    if world == 1:
+        return 1.0
+    total = torch.tensor([float(count)], dtype=torch.float64, device=_reduce_device())
+    dist.all_reduce(total)  # a count, no gradient
+    return count * world / total.item()
+
+
+def average_gradients(params, world):
+    """Average gradients over processes, as DDP does for the module it wraps, for one it does not wrap."""
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
 
 
 def autocast(device, enabled):

@@ -47,7 +47,7 @@ def main(args):
         return l_match + args.lambda_area * area, {"L_match": l_match, "fg": fg, "bg": bg, "area": area}
     # ----------------------------------------------------------------
 
-    trainer.train(args, objective, "match")
+    trainer.train(args, objective, "match", mean_over="pairs")  # L_match: a mean over (image, class) pairs
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ second (L_prompt^T) pushes it away from the class text. S is frozen and this sta
 augmentation, so the background features v^b of every (image, class) pair never change: they are
 computed once (cached in OUT/cache.pt) and the prompts train against the cache.
 
-S's input size and the fill of the masked-out pixels are stage (a)'s, read from its checkpoint.
+S's architecture, input size and the fill of the masked-out pixels are stage (a)'s, read from its
+checkpoint (--match) and recorded in OUT/args.json. Under torchrun each step's batch of pairs is split over
+the processes and weighted so that the gradient is the one of a single process.
 
 Toy world (CPU, under a minute):
     python train_prompt.py --dataset toy --device cpu
@@ -63,25 +65,25 @@ def build_parser():
 
 
 @torch.no_grad()
-def background_cache(args, S, match_args, clip_model, K, device, log, rank=0):
-    """v^b and k of every (image, present class) pair of the split, computed once with the frozen S.
-    The cache is keyed on what produced it (S's weights, the split, the fill, the CLIP)."""
+def background_cache(args, S, clip_model, K, device, log, rank=0):
+    """v^b and k of every (image, present class) pair of the split, computed once with the frozen S at
+    stage (a)'s input size and fill (args.size, args.fill). The cache is keyed on what produced it (S's
+    weights, the split, the fill, the size, the CLIP)."""
     path = os.path.join(args.out, "cache.pt")
-    fill = match_args.get("fill", "mean")  # a CAM network checkpoint has no --fill: the default
-    key = {"S": weights_fingerprint(S.state_dict()), "split": args.split, "fill": fill,
-           "size": match_args["size"], "clip": clip_identity(clip_model)}
+    key = {"S": weights_fingerprint(S.state_dict()), "split": args.split, "fill": args.fill,
+           "size": args.size, "clip": clip_identity(clip_model)}
     if os.path.exists(path):
         cache = torch.load(path, map_location="cpu", weights_only=True)
         if cache.get("key") == key:
             return cache["v_b"], cache["k"]
-    data = common.ClsDataset(args.data, args.split, K, match_args["size"], augment=False)
+    data = common.ClsDataset(args.data, args.split, K, args.size, augment=False)
     loader = torch.utils.data.DataLoader(data, 64, shuffle=False, num_workers=args.workers)
     res = clip_model.visual.input_resolution
     v_b, ks = [], []
     for x, y, _ in common.progress(loader, "caching v^b"):
         x, y = x.to(device), y.to(device)
         with common.autocast(device, args.amp):
-            _, X_b, k, _, _ = masked_pairs(x, S(x), y, res, fill)
+            _, X_b, k, _, _ = masked_pairs(x, S(x), y, res, args.fill)
             v_b.append(encode_images(clip_model, X_b).float().cpu())
         ks.append(k.cpu())
     v_b, ks = torch.cat(v_b), torch.cat(ks)
@@ -98,9 +100,12 @@ def main(args):
     if not match_ckpt.get("done", True):
         raise ValueError(f"--match {args.match} is from an unfinished stage (a) run (epoch "
                          f"{match_ckpt['epoch']}/{match_ckpt['epochs']}); finish it first")
+    for name in ("backbone", "output_stride", "size"):  # S as stage (a) built and fed it
+        setattr(args, name, match_ckpt["args"][name])
+    args.fill = match_ckpt["args"].get("fill", "mean")  # a CAM network checkpoint has no --fill: the default
     clip_model = load_frozen_clip(args.clip, device)
     u_f = class_text_features(clip_model, names)
-    v_b, k = background_cache(args, S, match_ckpt["args"], clip_model, K, device, log, rank)
+    v_b, k = background_cache(args, S, clip_model, K, device, log, rank)
     v_b, k = v_b.to(device), k.to(device)
     del S
 
@@ -130,21 +135,23 @@ def main(args):
 
     if args.epochs == 0 or start == 0:
         save(start)  # unlearned prompts are a valid (ablation) output too
-    steps = max(1, len(k) // args.batch_size)
-    per_rank = args.batch_size // world
+    steps, batch = max(1, len(k) // args.batch_size), min(args.batch_size, len(k))
+    mine = slice(*common.rank_share(batch, rank, world))  # this process's pairs of each step's batch
     for epoch in range(start, args.epochs):
         order = torch.randperm(len(k), generator=torch.Generator().manual_seed(args.seed + epoch)).to(device)
         sums, t0 = {}, time.time()
         for it in range(steps):
             for g in opt.param_groups:
                 g["lr"] = common.cosine_lr(lr, epoch * steps + it, args.epochs * steps)
-            idx = order[it * args.batch_size + rank * per_rank:][:per_rank]
+            idx = order[it * args.batch_size:][:batch][mine]
             with common.autocast(device, args.amp):
                 # ---------------- algorithm logic ----------------
                 u_b = model(clip_model)  # all K prompts through the text encoder
                 loss, term_I, term_T = L_prompt(u_b[k[idx]], v_b[idx], u_f[k[idx]], args.lambda_T,
                                                 args.image_term)
                 # --------------------------------------------------
+            w = common.global_mean_weight(len(idx), world)  # this process's share of the batch's mean over pairs
+            loss, term_I, term_T = loss * w, term_I * w, term_T * w
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -77,7 +77,7 @@ def main(args):
     # -----------------------------------------------------------------
 
     trainer.train(args, objective, "refine", extra=prompts if args.joint else None,
-                  extra_lr=args.prompt_lr)
+                  extra_lr=args.prompt_lr, mean_over="pairs")  # every term: a mean over (image, class) pairs
 
 
 if __name__ == "__main__":

@@ -204,22 +204,22 @@ class SegDataset(torch.utils.data.Dataset):
 
 class StepBatches(torch.utils.data.Sampler):
     """Batches of (index, iteration) for iterations start..iters-1: a fresh permutation per pass over the
-    data (seeded by (seed, pass)), the global batch split evenly over processes."""
+    data (seeded by (seed, pass)); each process takes its share of the global batch (common.rank_share), so
+    that the processes together train on exactly the batches of one process."""
 
     def __init__(self, n, batch, start, iters, seed, rank, world):
-        self.n, self.batch, self.start, self.iters = n, batch, start, iters
-        self.seed, self.rank, self.world = seed, rank, world
+        self.n, self.batch, self.start, self.iters, self.seed = n, batch, start, iters, seed
+        self.mine = slice(*common.rank_share(batch, rank, world))
         self.per_pass = n // batch
 
     def __len__(self):
         return self.iters - self.start
 
     def __iter__(self):
-        b = self.batch // self.world
         for step in range(self.start, self.iters):
             perm = np.random.default_rng([self.seed, step // self.per_pass]).permutation(self.n)
-            j = (step % self.per_pass) * self.batch + self.rank * b
-            yield [(int(n), step) for n in perm[j:j + b]]
+            j = (step % self.per_pass) * self.batch
+            yield [(int(n), step) for n in perm[j:j + self.batch][self.mine]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,8 +307,7 @@ def main(args):
         common.cleanup_distributed()
         return miou
 
-    if args.batch_size % world:
-        raise ValueError(f"--batch_size {args.batch_size} does not split over {world} processes")
+    common.rank_share(args.batch_size, rank, world)  # before reading data: refuses more processes than images
     data = SegDataset(args.data, args.split, args.masks, K + 1, args.crop, SCALE_RANGE, args.seed)
     if len(data) < args.batch_size:
         raise ValueError(f"--batch_size {args.batch_size} is larger than the {len(data)} images of '{args.split}'")
@@ -365,10 +364,11 @@ def main(args):
         with common.autocast(device, args.amp):
             logits = model(x)
         logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
-        loss = F.cross_entropy(logits, target, ignore_index=255)
+        loss = F.cross_entropy(logits, target, ignore_index=255)  # a mean over the labelled pixels
         # --------------------------------------------------
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at iteration {it}; lower --lr")
+        loss = loss * common.global_mean_weight(int((target != 255).sum()), world)  # this process's share
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,7 +1,9 @@
 """The one training loop for the mask generator S, shared by train_cam.py (the CAM network),
 train_match.py (stage a) and train_refine.py (stage c). A stage hands it its objective,
-`objective(x, y, cams) -> (loss, {name: term})`; everything else is here: data, S, the optimizer and its
-cosine, DDP, bf16 autocast, resume, checkpoints and the epoch line in OUT/log.txt.
+`objective(x, y, cams) -> (loss, {name: term})`, a mean over the batch's images or (image, class) pairs;
+everything else is here: data, S, the optimizer and its cosine, DDP (any process count trains on the
+1-process batches with the 1-process gradient), bf16 autocast, resume, checkpoints and the epoch line
+in OUT/log.txt.
 
 Nothing in this file decides what S learns: read the stage files for that.
 """
@@ -9,6 +11,7 @@ import argparse
 import time
 
 import torch
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
@@ -46,11 +49,40 @@ def add_flags(p, epochs, lr, batch_size, matching=False):
     return p
 
 
-def train(args, objective, stage, S=None, extra=None, extra_lr=None, cluster_maps=False):
+# What an objective's mean is over, counted in a batch (x images, y multi-hot labels): the weight of each
+# process's mean in the global one (common.global_mean_weight). One pair per present class (masked_pairs).
+MEAN_OVER = {"images": lambda x, y: len(x), "pairs": lambda x, y: int(torch.count_nonzero(y))}
+
+
+class GlobalBatches(torch.utils.data.Sampler):
+    """This process's share of each global batch of `batch` images (common.rank_share). Every process draws
+    the 1-process permutation of the epoch (DistributedSampler's: randperm seeded by seed + epoch), so the
+    processes together train on exactly the batches one process would; a last partial batch is dropped."""
+
+    def __init__(self, n, batch, rank, world, seed):
+        self.n, self.batch, self.seed, self.epoch = n, batch, seed, 0
+        self.start, self.stop = common.rank_share(batch, rank, world)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n // self.batch
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        for i in range(len(self)):
+            yield order[i * self.batch:(i + 1) * self.batch][self.start:self.stop]
+
+
+def train(args, objective, stage, S=None, extra=None, extra_lr=None, cluster_maps=False, mean_over="images"):
     """Train S (built by the caller, or rebuilt from the --init checkpoint) with `objective` for
     args.epochs. `extra`: another module trained alongside S at `extra_lr` (the prompts, in joint
     training); saved in the checkpoint as "extra". `cluster_maps`: the objective gets (CAMs, cluster maps)
-    instead of the CAMs. Writes OUT/checkpoint.pt every epoch; returns its path."""
+    instead of the CAMs. `mean_over`: what the objective's loss and terms are means over, "images" or
+    "pairs" (MEAN_OVER). Writes OUT/checkpoint.pt every epoch; returns its path."""
     device, rank, world, log, ckpt_path, names = common.begin(args)
     K = len(names)
     if S is None:
@@ -60,9 +92,9 @@ def train(args, objective, stage, S=None, extra=None, extra_lr=None, cluster_map
     S.set_trainable(getattr(args, "train", "all"))
     S = S.to(device)
     data = common.ClsDataset(args.data, args.split, K, args.size, augment=True, seed=args.seed)
-    sampler = torch.utils.data.DistributedSampler(data, world, rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(data, args.batch_size // world, sampler=sampler, drop_last=True,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    sampler = GlobalBatches(len(data), args.batch_size, rank, world, args.seed)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda")
     if len(loader) == 0:
         raise ValueError(f"--batch_size {args.batch_size} is larger than the {len(data)} images of '{args.split}'")
     groups = [{"params": [p for p in S.parameters() if p.requires_grad], "lr_scale": 1.0}]
@@ -80,7 +112,11 @@ def train(args, objective, stage, S=None, extra=None, extra_lr=None, cluster_map
             extra.load_state_dict(ckpt["extra"])
         start = ckpt["epoch"]
         log(f"resumed from {ckpt_path} at epoch {start}/{args.epochs}")
-    model = DDP(S, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else S
+    model = S
+    if world > 1:
+        if device.type == "cuda":  # BatchNorm statistics of the global batch (SyncBatchNorm is GPU-only)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(S)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     base_lr, steps = args.lr * args.batch_size / 512, len(loader)
     for epoch in range(start, args.epochs):
@@ -97,8 +133,13 @@ def train(args, objective, stage, S=None, extra=None, extra_lr=None, cluster_map
                 loss, terms = objective(x, y, model(x, cluster_maps=True) if cluster_maps else model(x))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} step {it}; lower --lr")
+            # this process's share of the global batch's mean, so that DDP's gradient is the 1-process one
+            w = common.global_mean_weight(MEAN_OVER[mean_over](x, y), world)
+            loss, terms = loss * w, {name: value * w for name, value in terms.items()}
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if extra is not None:  # outside DDP's model: average its gradients over processes as DDP does S's
+                common.average_gradients(extra.parameters(), world)
             opt.step()
             for name, value in {"loss": loss, **terms}.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
