@@ -29,14 +29,23 @@ from semples import BACKBONES, build_mask_generator
 PRESETS = common.presets(
     voc=dict(out="out/voc/cam"),
     coco=dict(out="out/coco/cam"),
-    # Toy: a tiny S at 96 px from random weights (no ImageNet), so a higher lr.
+    # Toy: a tiny S at 96 px from random weights (no ImageNet): AdamW with cosine (the trainer of (a) and (c)).
     toy=dict(out="out/toy/cam", backbone="tiny", output_stride=8, size=96, batch_size=32, epochs=6, lr=0.032,
-             workers=1),
+             workers=1, optimizer="adamw", head_lr_mult=1.0, weight_decay=0.03),
 )
 
 
 def build_parser():
-    p = trainer.add_flags(common.new_parser(__doc__), epochs=5, lr=0.01, batch_size=16)
+    # VOC/COCO: the CAM network CLIMS starts from, IRN's recipe (jiwoon-ahn/irn, step/train_cam.py): SGD, lr 0.1
+    # (10x on the classifier), weight decay 1e-4, poly 0.9, batch 16, 5 epochs. IRN's PolyOptimizer hands the
+    # weight decay to SGD's momentum slot, so it trains with (practically) no momentum; so do we.
+    p = trainer.add_flags(common.new_parser(__doc__), epochs=5, lr=0.1, batch_size=16)
+    p.set_defaults(weight_decay=1e-4)
+    p.add_argument("--optimizer", type=str, default="sgd", choices=("sgd", "adamw"),
+                   help="sgd: IRN's recipe, --lr as given, poly 0.9; adamw: the trainer of (a) and (c), --lr scaled "
+                        "by batch/512, cosine")
+    p.add_argument("--head_lr_mult", type=common.positive_float, default=10.0,
+                   help="lr multiplier of the 1x1 classifier(s) (IRN: 10)")
     p.add_argument("--init", type=str, default=None,
                    help="ImageNet torchvision state-dict file for the backbone; none = random init")
     p.add_argument("--backbone", type=str, default="resnet50", choices=BACKBONES, help="backbone of S")

@@ -28,8 +28,9 @@ def add_flags(p, epochs, lr, batch_size, matching=False):
                    help="images per step, summed over GPUs")
     p.add_argument("--epochs", type=common.positive_int, default=epochs, help="training epochs")
     p.add_argument("--lr", type=common.positive_float, default=lr,
-                   help="AdamW lr before scaling by batch/512, as in the authors' release (cosine, no warm-up)")
-    p.add_argument("--weight_decay", type=common.nonnegative_float, default=0.03, help="AdamW weight decay")
+                   help="AdamW lr before scaling by batch/512, as in the authors' release (cosine, no warm-up); "
+                        "train_cam.py --optimizer sgd uses it as given (poly)")
+    p.add_argument("--weight_decay", type=common.nonnegative_float, default=0.03, help="weight decay")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from OUT/checkpoint.pt if present (refused if result-shaping flags changed); "
                         "--no-resume removes it and starts afresh")
@@ -97,11 +98,16 @@ def train(args, objective, stage, S=None, extra=None, extra_lr=None, cluster_map
                                          pin_memory=device.type == "cuda")
     if len(loader) == 0:
         raise ValueError(f"--batch_size {args.batch_size} is larger than the {len(data)} images of '{args.split}'")
-    groups = [{"params": [p for p in S.parameters() if p.requires_grad], "lr_scale": 1.0}]
+    sgd = getattr(args, "optimizer", "adamw") == "sgd"  # train_cam.py's VOC/COCO recipe (IRN's); else AdamW
+    head = [p for n, p in S.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+    body = [p for n, p in S.named_parameters() if p.requires_grad and n.startswith("backbone.")]
+    groups = [{"params": body, "lr_scale": 1.0}, {"params": head, "lr_scale": getattr(args, "head_lr_mult", 1.0)}]
     if extra is not None:
         extra = extra.to(device)
         groups.append({"params": list(extra.parameters()), "lr_scale": extra_lr / args.lr})
-    opt = torch.optim.AdamW(groups, lr=0.0, weight_decay=args.weight_decay)
+    groups = [g for g in groups if g["params"]]  # --train head: no backbone group
+    opt = (torch.optim.SGD(groups, lr=0.0, weight_decay=args.weight_decay) if sgd else
+           torch.optim.AdamW(groups, lr=0.0, weight_decay=args.weight_decay))
 
     start = 0
     ckpt = common.resume_or_start(args, ckpt_path, "mask_generator", log, rank)
@@ -118,14 +124,16 @@ def train(args, objective, stage, S=None, extra=None, extra_lr=None, cluster_map
             model = nn.SyncBatchNorm.convert_sync_batchnorm(S)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    base_lr, steps = args.lr * args.batch_size / 512, len(loader)
+    # AdamW: the release's lr, scaled by batch/512, cosine. SGD: IRN's lr as given (0.1 at batch 16), poly 0.9.
+    base_lr, steps = (args.lr if sgd else args.lr * args.batch_size / 512), len(loader)
     for epoch in range(start, args.epochs):
         sampler.set_epoch(epoch)
         data.epoch = epoch
         model.train()
         sums, t0 = {}, time.time()
         for it, (x, y, _) in enumerate(common.progress(loader, f"{stage} epoch {epoch + 1}", rank == 0)):
-            lr = common.cosine_lr(base_lr, epoch * steps + it, args.epochs * steps)
+            step, total = epoch * steps + it, args.epochs * steps
+            lr = base_lr * (1 - step / total) ** 0.9 if sgd else common.cosine_lr(base_lr, step, total)
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -99,3 +99,15 @@ def test_ablate_prints_the_three_tables_and_reuses_finished_runs(toy_world, tmp_
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "train_" not in again.stdout.split("seed 0", 1)[1].split("Table 4")[0]
     assert json.loads((out / "ablations.json").read_text())["runs"] == report["runs"]
+
+
+def test_run_sh_with_three_processes(tmp_path):
+    """`run.sh --gpus 3` (torchrun, gloo on CPU): every training step runs under 3 processes although the batch
+    sizes (16, 16, 16, 8) do not divide by 3, and the pipeline prints its table."""
+    env = {**os.environ, **SMALL, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", os.path.join(REPO, "run.sh"), "--toy", str(tmp_path / "toy"), "--out",
+                           str(tmp_path / "out"), "--gpus", "3"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "torch.distributed.run --standalone --nproc_per_node 3 train_seg.py" in proc.stdout
+    assert re.search(r"^segmenter on pseudo masks, val\s+\d{1,3}\.\d\d$", proc.stdout, re.M), proc.stdout
