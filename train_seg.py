@@ -314,7 +314,7 @@ def main(args):
     net = build_segmenter(vars(args), K + 1)
     if args.init:
         load_imagenet(net, args.init, args.backbone)
-    elif args.freeze_bn:  # frozen statistics of random weights: activations blow up through 101 layers (NaN)
+    elif args.freeze_bn and args.backbone != "tiny":  # frozen random statistics: a ResNet-101's activations blow up
         raise ValueError("--freeze_bn keeps the backbone's BatchNorm statistics fixed, which needs ImageNet weights: "
                          "pass --init FILE (run.sh: --seg_init; README 'Data'), or --no-freeze_bn to train from "
                          "random weights")

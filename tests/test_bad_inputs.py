@@ -111,6 +111,9 @@ CASES = [  # (kind, script, argv, fragments the message must hold)
      ["--clusters", "notjson.json", "not valid JSON"]),
     ("cluster file: absent", "train_cam", TRAIN + ["--clusters", "{tmp}/nowhere.json"],
      ["--clusters", "nowhere.json", "cannot read"]),
+    ("segmenter: frozen BatchNorm of random weights", "train_seg", CPU + ["--data", "{root}", "--masks", "{gt}",
+                                                                           "--backbone", "resnet101", "--freeze_bn"],
+     ["--freeze_bn", "ImageNet weights", "--init", "--no-freeze_bn"]),
     ("--json under a file", "eval_miou", ["--dataset", "toy", "--data", "{root}", "--pred", "{gt}", "--json",
                                           "{tmp}/afile/r.json"], ["--json", "afile is a file"]),
 ]
