@@ -42,7 +42,8 @@ VIT_B_32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_wi
 TINY_CLIP = dict(embed_dim=64, image_resolution=64, vision_layers=1, vision_width=64, vision_patch_size=16,
                  context_length=40, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
 # Per dataset: classes K, image size (h, w), training images, S (backbone, output stride, input size)
-SHAPES = {"voc": (20, (375, 500), 10_582, ("resnet50", 16, 448)), "coco": (80, (480, 640), 82_081, ("resnet50", 16, 448)),
+SHAPES = {"voc": (20, (375, 500), 10_582, ("resnet50", 16, 448)),
+          "coco": (80, (480, 640), 82_081, ("resnet50", 16, 448)),
           "toy": (8, (96, 96), 2_000, ("tiny", 8, 96))}
 
 
@@ -213,7 +214,8 @@ def main(args):
         p.requires_grad_(False)
     res = clip_model.visual.input_resolution
     precisions = [p for p in args.precision if p == "fp32" or device.type == "cuda"] or ["fp32"]
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    report = {"device": name,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args),
               "shapes": f"S {backbone} at {size} (stride {stride}), CLIP at {res}", "results": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -228,11 +230,11 @@ def main(args):
     for prec, r in report["results"].items():
         print(f"\nbench on {report['device']}, torch {report['torch']}, {prec}, {report['threads']} threads; "
               f"{report['shapes']}")
-        rows = [(f"stage (a) step, batch {args.batch}", f"{r['stage_a_ms_per_step']:.0f} ms", f"{r['stage_a_peak_gib']:.1f} GiB"),
-                (f"stage (c) step, batch {args.batch}", f"{r['stage_c_ms_per_step']:.0f} ms", f"{r['stage_c_peak_gib']:.1f} GiB"),
-                (f"stage (b) epoch, cache, {args.batch_b} pairs/step", f"{r['stage_b_epoch_s_cached']:.1f} s", ""),
-                (f"stage (b) epoch, no cache, {args.batch_b} pairs/step", f"{r['stage_b_epoch_s_uncached']:.1f} s", ""),
-                ("make_pseudo CAMs, scales 1.0+1.2 with flips", f"{r['cams_img_per_s']:.1f} img/s", "")]
+        rows = [(f"stage ({s}) step, batch {args.batch}", f"{r[f'stage_{s}_ms_per_step']:.0f} ms",
+                 f"{r[f'stage_{s}_peak_gib']:.1f} GiB") for s in "ac"]
+        rows += [(f"stage (b) epoch, {c}, {args.batch_b} pairs/step", f"{r[f'stage_b_epoch_s_{k}']:.1f} s", "")
+                 for c, k in (("cache", "cached"), ("no cache", "uncached"))]
+        rows += [("make_pseudo CAMs, scales 1.0+1.2 with flips", f"{r['cams_img_per_s']:.1f} img/s", "")]
         rows += [(f"make_pseudo CRF + PNG, {n.split('_')[-2]} worker(s)", f"{v:.1f} img/s", "")
                  for n, v in r.items() if n.startswith("crf_img_per_s")]
         rows += [(f"eval_miou, {args.pairs} pairs {h}x{w}, {n.split('_')[-2]} workers (start incl.)", f"{v:.1f} s", "")

@@ -8,8 +8,9 @@ over scales and flips; kept for X's labelled classes only; min-max normalised pe
 [--bg_threshold plane, present classes] (a tie goes to the background), then dense CRF (unary from
 those labels with gt_prob 0.7; Gaussian sxy 4 compat 3; bilateral sxy 83 srgb 5 compat 3; 10 iters).
 The threshold defaults are fixed (VOC and COCO 0.15, the CAM threshold of IRN and CLIMS for this ResNet-50
-CAM family; toy 0.60 from a one-time developers' sweep on toy train): the pipeline never looks at ground truth. `eval_miou.py --cams
-OUT/cams` sweeps the threshold on train-set GT, which is how seeds are *reported*, not how the threshold is chosen here.
+CAM family; toy 0.60 from a one-time developers' sweep on toy train): the pipeline never looks at ground
+truth. `eval_miou.py --cams OUT/cams` sweeps the threshold on train-set GT, which is how seeds are
+*reported*, not how the threshold is chosen here.
 
 Toy world (CPU):
     python make_pseudo.py --dataset toy --device cpu

@@ -51,8 +51,10 @@ def test_run_sh_prints_the_table(tmp_path):
     cl = subprocess.run(cmd + ["--clusters", clusters, "--no-seg"], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=600)
     assert cl.returncode == 0, cl.stdout[-3000:] + cl.stderr[-3000:]
-    assert "== cam: its command" in cl.stdout and f"--clusters {clusters}" in (tmp_path / "out" / ".done" / "cam").read_text()
-    assert "== seg" not in cl.stdout and re.search(r"^segmenter on pseudo masks, val\s+not run \(--no-seg\)$", cl.stdout, re.M)
+    assert "== cam: its command" in cl.stdout
+    assert f"--clusters {clusters}" in (tmp_path / "out" / ".done" / "cam").read_text()
+    assert "== seg" not in cl.stdout
+    assert re.search(r"^segmenter on pseudo masks, val\s+not run \(--no-seg\)$", cl.stdout, re.M), cl.stdout
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["segmenter_val_miou"] is None and results["clusters"] == clusters
     bad = subprocess.run(cmd + ["--clusters", str(tmp_path / "none.json")], cwd=REPO, env=env, capture_output=True,
