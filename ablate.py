@@ -15,7 +15,6 @@ mean and std) and prints the three tables. Extra flags for every S-training stag
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 
@@ -24,7 +23,6 @@ import torch
 
 import common
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 LAMBDAS = (0.01, 0.02, 0.05, 0.1)
 # run name -> (prompt variant or None, stage (c) flags); "a" is stage (a) itself (L_match only, lambda 0)
 PROMPTS = {"all": [], "unlearned": ["--epochs", "0"], "T_only": ["--no-image_term"], "I_only": ["--lambda_T", "0"]}
@@ -60,11 +58,9 @@ PRESETS = common.presets(toy=dict(out="out/toy_ablate", lambda_refine=0.05),
 
 def run(log, *cmd):
     t0 = time.time()
-    proc = subprocess.run([sys.executable, *cmd], cwd=HERE, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    stdout = common.run_command([sys.executable, *cmd])
     log(f"  {time.time() - t0:6.1f}s  {' '.join(cmd)}")
-    return proc.stdout
+    return stdout
 
 
 def finished(path):

@@ -156,8 +156,8 @@ def bench_training(args, device, amp, S, clip_model, size, res):
 
 
 def smooth(g, shape, cells=(6, 8)):
-    """A smooth random map in [0, 1] of `shape` (bilinear upsampling of a coarse random grid)."""
-    coarse = torch.rand(1, shape[0] if len(shape) == 3 else 1, *cells, generator=g)
+    """Smooth random maps in [0, 1] of `shape` [C, H, W] (bilinear upsampling of a coarse random grid)."""
+    coarse = torch.rand(1, shape[0], *cells, generator=g)
     return F.interpolate(coarse, shape[-2:], mode="bilinear", align_corners=False)[0].numpy()
 
 
@@ -168,11 +168,18 @@ def _crf_task(job):
     return path
 
 
-def bench_pseudo(args, device, amp, S, size, tmp, h, w):
+def bench_cams(args, device, amp, S, size, h, w):
+    """make_pseudo's CAMs of one image (scales 1.0 and 1.2, each with its flip) on the device."""
     g = torch.Generator().manual_seed(args.seed)
     x = (255 * torch.rand(1, h, w, 3, generator=g)).to(torch.uint8)
-    t = timed(lambda: multiscale_cams(S, x, (1.0, 1.2), size, device, amp), args.steps, device)
-    out = {"cams_img_per_s": 1 / t}
+    return {"cams_img_per_s": 1 / timed(lambda: multiscale_cams(S, x, (1.0, 1.2), size, device, amp), args.steps,
+                                        device)}
+
+
+def bench_crf(args, device, tmp, h, w):
+    """make_pseudo's dense CRF and PNG writing (CPU, whatever the device), in 1 and --workers processes."""
+    g = torch.Generator().manual_seed(args.seed)
+    out = {}
     jobs = [(smooth(g, (2, h, w)).astype(np.float32), np.array([1, 2]),
              (255 * smooth(g, (3, h, w), (24, 32))).astype(np.uint8).transpose(1, 2, 0).copy(),
              os.path.join(tmp, f"crf{i}.png")) for i in range(args.images)]
@@ -219,12 +226,11 @@ def main(args):
               "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args),
               "shapes": f"S {backbone} at {size} (stride {stride}), CLIP at {res}", "results": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        shared = {**bench_pseudo(args, device, False, S, size, tmp, h, w), **bench_eval(args, tmp, h, w)}
+        shared = {**bench_crf(args, device, tmp, h, w), **bench_eval(args, tmp, h, w)}  # CPU work: once
         for prec in precisions:
-            r = {**bench_training(args, device, prec == "bf16", S, clip_model, size, res), **shared}
-            if prec == "bf16":
-                r.update(bench_pseudo(args, device, True, S, size, tmp, h, w))
-            report["results"][prec] = r
+            amp = prec == "bf16"
+            report["results"][prec] = {**bench_training(args, device, amp, S, clip_model, size, res),
+                                       **bench_cams(args, device, amp, S, size, h, w), **shared}
     with common.atomic_path(args.json) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=1)
     for prec, r in report["results"].items():

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -507,7 +508,7 @@ def global_mean_weight(count, world):
     if world == 1:
         return 1.0
     total = torch.tensor([float(count)], dtype=torch.float64, device=_reduce_device())
-    dist.all_reduce(total)  # a count, no gradient
+    dist.all_reduce(total)  # a count, no gradient (not all_reduce_mean: that one is the log's reduction)
     return count * world / total.item()
 
 
@@ -526,6 +527,11 @@ def autocast(device, enabled):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def poly_lr(base_lr, step, total_steps, power=0.9):
+    """The poly schedule of DeepLab and IRN: base_lr * (1 - step / total_steps) ** power."""
+    return base_lr * (1 - step / total_steps) ** power
 
 
 def cosine_lr(base_lr, step, total_steps, warmup_steps=0):
@@ -653,6 +659,15 @@ def resume_or_start(args, path, kind, log, rank, free=()):
             log(f"--no-resume: removed the old {path}; starting afresh")
         save_args(args, args.out)
     return None
+
+
+def run_command(cmd, env=None):
+    """Run another script of the repository (ablate.py, compare_clusters.py), from the repository root;
+    returns its stdout, or raises with the command and the ends of its output."""
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
 
 
 def progress(iterable, desc, enabled=True, total=None):

@@ -15,14 +15,12 @@ and prints the table.
 import json
 import os
 import shlex
-import subprocess
 import sys
 
 import numpy as np
 
 import common
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS = {"cam": "CAM network", "a": "stage (a) only: L_match", "c": "SemPLeS (a)+(b)+(c)"}
 ARMS = ("without", "with")
 
@@ -46,14 +44,12 @@ PRESETS = common.presets(toy=dict(out="out/toy_clusters"), voc=dict(out="out/voc
 def pipeline(args, arm, seed, log):
     """One run.sh pipeline (without the segmenter); returns its results.json."""
     out = os.path.join(args.out, arm, f"seed{seed}")
-    cmd = ["bash", os.path.join(HERE, "run.sh"), f"--{args.dataset}", args.data, "--clip", args.clip,
+    cmd = ["bash", os.path.join(common.REPO, "run.sh"), f"--{args.dataset}", args.data, "--clip", args.clip,
            "--seed", str(seed), "--out", out, "--no-seg", *shlex.split(args.run_args)]
     if arm == "with":
         cmd += ["--clusters", args.clusters]
     log(" ".join(cmd))
-    proc = subprocess.run(cmd, cwd=HERE, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    common.run_command(cmd, env={**os.environ, "PYTHON": sys.executable})
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f)
 
@@ -61,7 +57,7 @@ def pipeline(args, arm, seed, log):
 def main(args):
     args.clip = args.clip or common.DATASETS[args.dataset]["clip"]
     args.clusters = args.clusters or (os.path.join(args.data, "clusters.json") if args.dataset == "toy"
-                                      else os.path.join(HERE, "clusters", f"{args.dataset}.json"))
+                                      else os.path.join(common.REPO, "clusters", f"{args.dataset}.json"))
     if args.dataset != "toy" or os.path.exists(args.clusters):  # the toy's is written by run.sh's make_toy step
         common.read_clusters(args.clusters, common.read_class_names(args.data, args.dataset))
     log = common.Logger(args.out)

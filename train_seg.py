@@ -358,7 +358,7 @@ def main(args):
     it = start
     for it, (x, target) in enumerate(common.progress(loader, "train", rank == 0, total=end - start), start + 1):
         for g, m in zip(opt.param_groups, mults):
-            g["lr"] = args.lr * m * (1 - (it - 1) / args.iters) ** POLY_POWER
+            g["lr"] = common.poly_lr(args.lr * m, it - 1, args.iters, POLY_POWER)
         x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
         # ---------------- algorithm logic ----------------
         with common.autocast(device, args.amp):

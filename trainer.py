@@ -133,7 +133,7 @@ def train(args, objective, stage, S=None, extra=None, extra_lr=None, cluster_map
         sums, t0 = {}, time.time()
         for it, (x, y, _) in enumerate(common.progress(loader, f"{stage} epoch {epoch + 1}", rank == 0)):
             step, total = epoch * steps + it, args.epochs * steps
-            lr = base_lr * (1 - step / total) ** 0.9 if sgd else common.cosine_lr(base_lr, step, total)
+            lr = common.poly_lr(base_lr, step, total) if sgd else common.cosine_lr(base_lr, step, total)
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

