@@ -69,12 +69,21 @@ class VisionTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-    def forward(self, x):
+    def tokens(self, x):
+        """Every token out of the transformer, class token first: [N, 1 + grid*grid, width]."""
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [N, grid*grid, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj
+        return self.transformer(self.ln_pre(x))
+
+    def forward(self, x):
+        return self.ln_post(self.tokens(x)[:, 0]) @ self.proj
+
+    def patch_features(self, x):
+        """The patch tokens through ln_post and proj, as the class token goes, into the joint space:
+        [N, grid*grid, output_dim], row-major over the patch grid. Not trained to match text, but close
+        enough to show where in the image a text responds (MaskCLIP-style region maps, report.py)."""
+        return self.ln_post(self.tokens(x)[:, 1:]) @ self.proj
 
 
 class Bottleneck(nn.Module):
@@ -199,6 +208,12 @@ class CLIP(nn.Module):
 
     def encode_image(self, image):
         return self.visual(image.type(self.dtype))
+
+    def encode_image_patches(self, image):
+        """Per-patch image features [N, grid*grid, embed_dim] (not normalised); ViT CLIPs only."""
+        if not isinstance(self.visual, VisionTransformer):
+            raise ValueError("per-patch features need a ViT CLIP (e.g. ViT-B/32); this one is a modified ResNet")
+        return self.visual.patch_features(image.type(self.dtype))
 
     def encode_token_embeddings(self, x, eot_index):
         """Text features from token embeddings; the entry point for learned (CoOp-style) prompts.
