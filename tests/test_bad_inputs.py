@@ -17,6 +17,7 @@ import common
 import compare_clusters
 import eval_miou
 import make_pseudo
+import report
 import semples
 import train_cam
 import train_match
@@ -26,7 +27,7 @@ import train_seg
 
 SCRIPTS = {"train_cam": train_cam, "train_match": train_match, "train_prompt": train_prompt,
            "train_refine": train_refine, "make_pseudo": make_pseudo, "train_seg": train_seg, "eval_miou": eval_miou,
-           "compare_clusters": compare_clusters}
+           "compare_clusters": compare_clusters, "report": report}
 CPU = ["--dataset", "toy", "--device", "cpu", "--workers", "0"]
 
 
@@ -117,6 +118,8 @@ CASES = [  # (kind, script, argv, fragments the message must hold)
      ["--words", "nowhere.txt", "cannot read"]),
     ("word list: no words", "train_prompt", PROMPT + ["--words", "{tmp}/nowords.txt"],
      ["--words", "nowords.txt", "holds no words"]),
+    ("report of no run", "report", ["--dataset", "toy", "--data", "{root}", "--out", "{tmp}/norun", "--device", "cpu"],
+     ["norun/results.json not found", "run bash run.sh first"]),
     ("segmenter: frozen BatchNorm of random weights", "train_seg", CPU + ["--data", "{root}", "--masks", "{gt}",
                                                                            "--backbone", "resnet101", "--freeze_bn"],
      ["--freeze_bn", "ImageNet weights", "--init", "--no-freeze_bn"]),
