@@ -53,7 +53,7 @@ from semples import (WORDS, class_text_features, clip_normalise, load_frozen_cli
 PRESETS = common.presets(voc=dict(out="out/voc"), coco=dict(out="out/coco"), toy=dict(out="out/toy"))
 STAGES = {"cam": ("seeds_cam", "CAM network"), "a": ("seeds_a", "stage (a)"), "c": ("seeds_c", "SemPLeS (c)")}
 LOGS = ("cam", "match", "prompt", "refine", "seg")  # the training stages, in pipeline order
-GAP, HEADER = 2, 30  # pixels between tiles; height of the column titles (two lines)
+GAP, HEADER, LABELS = 2, 30, 84  # pixels between tiles; height of the column titles (two lines); row labels
 PANEL = (300, 170)  # one loss-curve panel
 
 
@@ -122,16 +122,18 @@ def tile(rgb, size, text=None, nearest=False):
     return out
 
 
-def sheet(titles, rows, size):
-    """Tiles in a table under a line of column titles: width len(titles) * (size + GAP) + GAP, height
-    HEADER + len(rows) * (size + GAP) + GAP."""
-    img = Image.new("RGB", (len(titles) * (size + GAP) + GAP, HEADER + len(rows) * (size + GAP) + GAP), "white")
+def sheet(titles, rows, labels, size):
+    """Tiles in a table, column titles above, each row's label on its left (not over a picture): width
+    LABELS + len(titles) * (size + GAP) + GAP, height HEADER + len(rows) * (size + GAP) + GAP."""
+    img = Image.new("RGB", (LABELS + len(titles) * (size + GAP) + GAP, HEADER + len(rows) * (size + GAP) + GAP),
+                    "white")
     d = ImageDraw.Draw(img)
     for c, title in enumerate(titles):
-        d.multiline_text((GAP + c * (size + GAP) + 2, 2), title, fill=(0, 0, 0), font=FONT)
-    for r, row in enumerate(rows):
+        d.multiline_text((LABELS + GAP + c * (size + GAP) + 2, 2), title, fill=(0, 0, 0), font=FONT)
+    for r, (row, label) in enumerate(zip(rows, labels)):
+        d.multiline_text((4, HEADER + GAP + r * (size + GAP) + 2), label, fill=(0, 0, 0), font=FONT)
         for c, t in enumerate(row):
-            img.paste(t, (GAP + c * (size + GAP), HEADER + GAP + r * (size + GAP)))
+            img.paste(t, (LABELS + GAP + c * (size + GAP), HEADER + GAP + r * (size + GAP)))
     return img
 
 
@@ -218,11 +220,9 @@ def fmt(v, digits=2):
     return "n/a" if v is None or v != v else f"{v:.{digits}f}"
 
 
-def gt_tile(gt, value, image_id, name, size):
-    """The ground truth of one class in its VOC colour (the ignore band in VOC's 255 colour, the rest black),
-    labelled with the image and the class (the image tile beside it stays clean)."""
-    rgb = PALETTE[np.where(gt == value, value, np.where(gt == 255, 255, 0))]
-    return tile(rgb, size, f"{image_id}\n{name}", nearest=True)
+def gt_tile(gt, value, size):
+    """The ground truth of one class in its VOC colour (the ignore band in VOC's 255 colour, the rest black)."""
+    return tile(PALETTE[np.where(gt == value, value, np.where(gt == 255, 255, 0))], size, nearest=True)
 
 
 def read_pair(args, image_id):
@@ -237,8 +237,8 @@ def read_pair(args, image_id):
 def cam_grid(args, ids, names, seeds, pseudo):
     """Rows (image, class) of the first --n images with objects; returns (picture, rows with IoUs)."""
     titles = (["image", "ground truth"]
-              + [f"{STAGES[k][1]}\nCAM, seed t={seeds[k]['best_threshold']:.2f}" for k in STAGES]
-              + [f"pseudo mask (c)\nt={pseudo['bg_threshold']:.2f}{' + CRF' if pseudo['crf'] else ''}"])
+              + [f"{STAGES[k][1]}\nt={seeds[k]['best_threshold']:.2f}" for k in STAGES]
+              + [f"pseudo mask\n(c) t={pseudo['bg_threshold']:.2f}{'+CRF' if pseudo['crf'] else ''}"])
     tiles, rows = [], []
     for i in ids:
         image, gt, present = read_pair(args, i)
@@ -247,7 +247,7 @@ def cam_grid(args, ids, names, seeds, pseudo):
         stage_cams = {k: load_cams(os.path.join(args.out, d, "cams", f"{i}.npz")) for k, (d, _) in STAGES.items()}
         pm = common.read_mask(os.path.join(args.out, "seeds_c", "masks", f"{i}.png"))
         for v in present:
-            iou, row = {}, [tile(image, args.tile), gt_tile(gt, v, i, names[v - 1], args.tile)]
+            iou, row = {}, [tile(image, args.tile), gt_tile(gt, v, args.tile)]
             for k, (cams, classes) in stage_cams.items():
                 seed = pseudo_mask(cams, classes, seeds[k]["best_threshold"])  # the seed as eval_miou scores it
                 iou[k] = class_iou(seed, gt, v)
@@ -259,7 +259,7 @@ def cam_grid(args, ids, names, seeds, pseudo):
             rows.append({"id": i, "class": names[v - 1], "iou": {k: 100 * x for k, x in iou.items()}})
         if len({r["id"] for r in rows}) == args.n:
             break
-    return sheet(titles, tiles, args.tile), rows
+    return sheet(titles, tiles, [f"{r['id']}\n{r['class']}" for r in rows], args.tile), rows
 
 
 @torch.no_grad()
@@ -290,7 +290,7 @@ def prompt_maps(args, ids, names, clip_model, u_f, u_b, device, meta):
     K, texts = len(names), torch.cat([u_f, u_b])
     home, regions = (meta or {}).get("home", {}), {i: m["regions"] for i, m in (meta or {}).get("images", {}).items()}
     values = {name: {} for name in names}  # class -> measure -> one value per pair
-    shown = {name: [] for name in names}
+    shown, ids_shown = {name: [] for name in names}, {name: [] for name in names}
     for start in range(0, len(ids), args.batch_size):
         batch = ids[start:start + args.batch_size]
         pairs = [read_pair(args, i) for i in batch]
@@ -298,7 +298,7 @@ def prompt_maps(args, ids, names, clip_model, u_f, u_b, device, meta):
         for i, (image, gt, present), m in zip(batch, pairs, maps):
             for v in present:
                 name, seen = names[v - 1], {"uf": on_image(m[v - 1], gt), "ub": on_image(m[K + v - 1], gt)}
-                row = {"bg_area": (gt == 0).sum() / (gt != 255).sum()}
+                row = {"bg_area": (gt == 0).sum() / (gt != 255).sum(), "obj_area": (gt == v).sum() / (gt != 255).sum()}
                 for w, full in seen.items():
                     row[f"{w}_bg"], row[f"{w}_obj"] = full[gt == 0].sum(), full[gt == v].sum()
                 if name in home and regions.get(i) == [home[name]]:  # its only background is the home one
@@ -306,7 +306,8 @@ def prompt_maps(args, ids, names, clip_model, u_f, u_b, device, meta):
                 for key, x in row.items():
                     values[name].setdefault(key, []).append(float(x))
                 if len(shown[name]) < 4 * args.per_class:  # 4 tiles an image
-                    shown[name] += [tile(image, args.tile), gt_tile(gt, v, i, name, args.tile)] + [
+                    ids_shown[name].append(i)
+                    shown[name] += [tile(image, args.tile), gt_tile(gt, v, args.tile)] + [
                         tile(overlay(image, full / full.max()), args.tile,
                              f"bg {row[f'{w}_bg']:.2f}\nobj {row[f'{w}_obj']:.2f}") for w, full in seen.items()]
     shares = {name: {"pairs": len(v.get("bg_area", [])), "home": home.get(name),
@@ -315,7 +316,9 @@ def prompt_maps(args, ids, names, clip_model, u_f, u_b, device, meta):
     titles = ["image", "ground truth", "class text u^f", "learned prompt u^b"] * args.per_class
     blank = Image.new("RGB", (args.tile, args.tile), "white")  # a class with fewer images than --per_class
     rows = [t + [blank] * (4 * args.per_class - len(t)) for t in shown.values() if t]
-    return sheet(titles, rows, args.tile), shares
+    labels = [f"{n}\n" + (f"home: {home[n]}\n" if n in home else "") + "\n".join(ids_shown[n]) for n in names
+              if shown[n]]
+    return sheet(titles, rows, labels, args.tile), shares
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,6 +328,9 @@ def table(head, rows):
     cell = lambda tag, c: f"<{tag}>{html.escape(str(c))}</{tag}>"
     return ("<table><tr>" + "".join(cell("th", c) for c in head) + "</tr>"
             + "".join("<tr>" + "".join(cell("td", c) for c in r) + "</tr>" for r in rows) + "</table>")
+
+
+SHARES = ("bg_area", "ub_bg", "uf_bg", "obj_area", "ub_obj", "uf_obj", "home_area", "ub_home", "uf_home")
 
 
 def words_table(near, maps):
@@ -362,15 +368,13 @@ def page(rep, names):
               f"{rep['prompt_maps']['logit_scale']:.1f} x cos(patch, text): "
               "where the class text u^f and the learned background prompt u^b sit in the image, and the share of "
               "that mass on the ground-truth background and on the object (mean over the images of the class). "
-              "'bg area' is what a uniform map would put on the background. A prompt that describes the "
-              "class's background puts more than that there; one that describes the object, less.</p>",
+              "The areas are what a uniform map would put there. A prompt that describes the class's "
+              "background puts more than its area there; one that describes the object, less.</p>",
               f'<p><img src="{html.escape(rep["prompt_maps"]["png"])}" alt="prompt maps"></p>',
-              table(["class", "images", "bg area", "u^b on bg", "u^f on bg", "u^b on object", "u^f on object",
-                     "home", "images home only", "u^b on home", "u^f on home", "home area"],
-                    [[n, s["pairs"], fmt(s.get("bg_area"), 3), fmt(s.get("ub_bg"), 3), fmt(s.get("uf_bg"), 3),
-                      fmt(s.get("ub_obj"), 3), fmt(s.get("uf_obj"), 3), s["home"] or "", s["home_pairs"],
-                      fmt(s.get("ub_home"), 3), fmt(s.get("uf_home"), 3), fmt(s.get("home_area"), 3)]
-                     for n, s in maps.items()]),
+              table(["class", "images", "bg area", "u^b on bg", "u^f on bg", "object area", "u^b on object",
+                     "u^f on object", "home", "images home only", "home area", "u^b on home", "u^f on home"],
+                    [[n, s["pairs"]] + [fmt(s.get(k), 3) for k in SHARES[:6]] + [s["home"] or "", s["home_pairs"]]
+                     + [fmt(s.get(k), 3) for k in SHARES[6:]] for n, s in maps.items()]),
               f"<h2>Nearest words to each learned prompt</h2><p>{html.escape(rep['nearest_words_source'])}</p>",
               words_table(rep["nearest_words"], maps)]
     if "nearest_words_toy" in rep:

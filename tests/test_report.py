@@ -74,10 +74,11 @@ def test_files_are_written_as_valid_pngs_of_their_layout(small_run, toy_world):
     want = [(i, toy_world["class_names"][v - 1]) for i in small_run["ids"][:3]
             for v in common.labels_of_mask(gt_of(small_run["root"], i))]
     assert [(r["id"], r["class"]) for r in rep["grid"]["rows"]] == want
-    assert png(out / "report" / "grid.png") == (6 * step + report.GAP, report.HEADER + len(want) * step + report.GAP)
+    size = (report.LABELS + 6 * step + report.GAP, report.HEADER + len(want) * step + report.GAP)
+    assert png(out / "report" / "grid.png") == size
     # prompt maps: one row per class present in the train list, four columns per shown image
     present = [n for n, s in rep["prompt_maps"]["classes"].items() if s["pairs"]]
-    assert png(out / "report" / "prompt_maps.png") == (4 * step + report.GAP,
+    assert png(out / "report" / "prompt_maps.png") == (report.LABELS + 4 * step + report.GAP,
                                                        report.HEADER + len(present) * step + report.GAP)
     # loss curves: the training stages of a --no-seg run, one panel per logged field but time
     assert sorted(rep["curves"]) == ["cam", "match", "prompt", "refine"]
