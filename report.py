@@ -67,6 +67,8 @@ def build_parser():
     p.add_argument("--n", type=common.positive_int, default=6, help="images in the CAM grid")
     p.add_argument("--per_class", type=common.positive_int, default=2, help="images per class in the prompt maps")
     p.add_argument("--tile", type=common.positive_int, default=128, help="tile size in pixels")
+    p.add_argument("--map_images", type=common.positive_int, default=2000,
+                   help="the prompt-map shares average over the first N images of --split (COCO's list is long)")
     p.add_argument("--batch_size", type=common.positive_int, default=64, help="images per CLIP forward")
     p.add_argument("--patches", type=str, default="value", choices=("value", "tokens"),
                    help="CLIP's patch features (clip/model.py patch_features): MaskCLIP's value path of the last "
@@ -313,7 +315,7 @@ def prompt_maps(args, ids, names, clip_model, u_f, u_b, device, meta):
     shares = {name: {"pairs": len(v.get("bg_area", [])), "home": home.get(name),
                      "home_pairs": len(v.get("home_area", [])), **{k: float(np.mean(x)) for k, x in v.items()}}
               for name, v in values.items()}
-    titles = ["image", "ground truth", "class text u^f", "learned prompt u^b"] * args.per_class
+    titles = ["image", "ground truth", "class text\nu^f", "learned prompt\nu^b"] * args.per_class
     blank = Image.new("RGB", (args.tile, args.tile), "white")  # a class with fewer images than --per_class
     rows = [t + [blank] * (4 * args.per_class - len(t)) for t in shown.values() if t]
     labels = [f"{n}\n" + (f"home: {home[n]}\n" if n in home else "") + "\n".join(ids_shown[n]) for n in names
@@ -333,62 +335,77 @@ def table(head, rows):
 SHARES = ("bg_area", "ub_bg", "uf_bg", "obj_area", "ub_obj", "uf_obj", "home_area", "ub_home", "uf_home")
 
 
-def words_table(near, maps):
+def words_table(near, home):
     """class | home | the nearest words with their cosine, best first."""
     return table(["class", "home"] + [str(j + 1) for j in range(max(len(v) for v in near.values()))],
-                 [[n, maps[n]["home"] or ""] + [f"{w} {c:.3f}" for w, c in pairs] for n, pairs in near.items()])
+                 [[n, home.get(n, "")] + [f"{w} {c:.3f}" for w, c in pairs] for n, pairs in near.items()])
 
 
-def page(rep, names):
-    res, seeds, maps = rep["results"], rep["seeds"], rep["prompt_maps"]["classes"]
+def results_section(rep, names):
+    res, seeds = rep["results"], rep["seeds"]
     seg = res.get("segmenter_val_miou")
     seg = "not run (--no-seg)" if seg is None else fmt(seg)
-    parts = [f"<h1>SemPLeS run {html.escape(rep['run'])}</h1>",
-             f"<p>dataset {html.escape(str(res.get('dataset')))}, seed {res.get('seed')}; report.json holds every "
-             "number below.</p>",
-             "<h2>Results (mIoU %)</h2>",
-             table(["", "seed (CAM), train", "best threshold", "pseudo mask, train"],
-                   [[STAGES[k][1], fmt(res[k]["seed_miou"]), fmt(res[k]["seed_threshold"]), fmt(res[k]["pseudo_miou"])]
-                    for k in STAGES]
-                   + [["segmenter on pseudo masks, val", "", "", seg]]),
-             "<h3>Seed IoU per class (%, each stage at its best threshold)</h3>",
-             table(["class"] + [STAGES[k][1] for k in STAGES],
-                   [[n] + [fmt(seeds[k]["iou"].get(n)) for k in STAGES] for n in ["background"] + names]),
-             "<h2>Loss curves</h2>"]
-    parts += [f'<p><img src="{html.escape(p)}" alt="{s}"></p>' for s, p in rep["curves"].items()]
-    parts += ["<h2>CAMs per stage (paper Figs. 3, 6)</h2>",
-              "<p>One row per (image, class): the class's CAM of each stage in viridis over the image, with the "
-              "IoU of its seed at the stage's best threshold; SemPLeS's pseudo mask in the VOC palette.</p>",
-              f'<p><img src="{html.escape(rep["grid"]["png"])}" alt="CAM grid"></p>',
-              table(["image", "class"] + [STAGES[k][1] for k in STAGES] + ["pseudo mask"],
-                    [[r["id"], r["class"]] + [fmt(r["iou"][k]) for k in list(STAGES) + ["pseudo"]]
-                     for r in rep["grid"]["rows"]]),
-              "<h2>Where the learned prompts look (paper Fig. 5)</h2>",
-              f"<p>A softmax over CLIP's patches ({rep['prompt_maps']['patches']} features) of "
-              f"{rep['prompt_maps']['logit_scale']:.1f} x cos(patch, text): "
-              "where the class text u^f and the learned background prompt u^b sit in the image, and the share of "
-              "that mass on the ground-truth background and on the object (mean over the images of the class). "
-              "The areas are what a uniform map would put there. A prompt that describes the class's "
-              "background puts more than its area there; one that describes the object, less.</p>",
-              f'<p><img src="{html.escape(rep["prompt_maps"]["png"])}" alt="prompt maps"></p>',
-              table(["class", "images", "bg area", "u^b on bg", "u^f on bg", "object area", "u^b on object",
-                     "u^f on object", "home", "images home only", "home area", "u^b on home", "u^f on home"],
-                    [[n, s["pairs"]] + [fmt(s.get(k), 3) for k in SHARES[:6]] + [s["home"] or "", s["home_pairs"]]
-                     + [fmt(s.get(k), 3) for k in SHARES[6:]] for n, s in maps.items()]),
-              f"<h2>Nearest words to each learned prompt</h2><p>{html.escape(rep['nearest_words_source'])}</p>",
-              words_table(rep["nearest_words"], maps)]
+    return ["<h2>Results (mIoU %)</h2>",
+            table(["", "seed (CAM), train", "best threshold", "pseudo mask, train"],
+                  [[STAGES[k][1]] + [fmt(res[k][n]) for n in ("seed_miou", "seed_threshold", "pseudo_miou")]
+                   for k in STAGES] + [["segmenter on pseudo masks, val", "", "", seg]]),
+            "<h3>Seed IoU per class (%, each stage at its best threshold)</h3>",
+            table(["class"] + [STAGES[k][1] for k in STAGES],
+                  [[n] + [fmt(seeds[k]["iou"].get(n)) for k in STAGES] for n in ["background"] + names])]
+
+
+def grid_section(rep):
+    return ["<h2>CAMs per stage (paper Figs. 3, 6)</h2>",
+            "<p>One row per (image, class): the class's CAM of each stage in viridis over the image, with the "
+            "IoU of its seed at the stage's best threshold; SemPLeS's pseudo mask in the VOC palette.</p>",
+            f'<p><img src="{html.escape(rep["grid"]["png"])}" alt="CAM grid"></p>',
+            table(["image", "class"] + [STAGES[k][1] for k in STAGES] + ["pseudo mask"],
+                  [[r["id"], r["class"]] + [fmt(r["iou"][k]) for k in list(STAGES) + ["pseudo"]]
+                   for r in rep["grid"]["rows"]])]
+
+
+def maps_section(rep):
+    maps = rep["prompt_maps"]
+    if maps["png"] is None:
+        return ["<h2>Where the learned prompts look</h2><p>Not drawn: this CLIP is not a ViT (no patch tokens).</p>"]
+    return ["<h2>Where the learned prompts look (paper Fig. 5)</h2>",
+            f"<p>A softmax over CLIP's patches ({maps['patches']} features) of {maps['logit_scale']:.1f} x "
+            "cos(patch, text): where the class text u^f and the learned background prompt u^b sit in the image, "
+            "and the share of that mass on the ground-truth background and on the object (mean over the first "
+            f"{maps['images']} images, one (image, class) pair each). The areas are what a uniform map would put "
+            "there. A prompt that describes the class's background puts more than its area there; one that "
+            "describes the object, less.</p>",
+            f'<p><img src="{html.escape(maps["png"])}" alt="prompt maps"></p>',
+            table(["class", "images", "bg area", "u^b on bg", "u^f on bg", "object area", "u^b on object",
+                   "u^f on object", "home", "images home only", "home area", "u^b on home", "u^f on home"],
+                  [[n, s["pairs"]] + [fmt(s.get(k), 3) for k in SHARES[:6]] + [s["home"] or "", s["home_pairs"]]
+                   + [fmt(s.get(k), 3) for k in SHARES[6:]] for n, s in maps["classes"].items()])]
+
+
+def words_section(rep):
+    parts = [f"<h2>Nearest words to each learned prompt</h2><p>{html.escape(rep['nearest_words_source'])}</p>",
+             words_table(rep["nearest_words"], rep["home"])]
     if "nearest_words_toy" in rep:
         parts += ["<p>The toy CLIP saw only the words of its captions (the class names and the backgrounds); "
                   "every other word reaches it through untrained token embeddings. Among those words:</p>",
-                  words_table(rep["nearest_words_toy"], maps),
-                  "<p>Where each class's home background word ranks among them (rank of "
-                  f"{len(rep['toy_vocabulary'])}, cosine): "
-                  + ", ".join(f"{n}: {maps[n]['home']} {r} ({c:.3f})" for n, (r, c) in rep["home_word_rank"].items())
-                  + "</p>"]
+                  words_table(rep["nearest_words_toy"], rep["home"]),
+                  f"<p>Where each class's home background word ranks among them (rank of {len(rep['toy_vocabulary'])}"
+                  ", cosine): " + ", ".join(f"{n}: {rep['home'][n]} {r} ({c:.3f})"
+                                            for n, (r, c) in rep["home_word_rank"].items()) + "</p>"]
+    return parts
+
+
+def page(rep, names):
+    res = rep["results"]
+    parts = [f"<h1>SemPLeS run {html.escape(rep['run'])}</h1>",
+             f"<p>dataset {html.escape(str(res.get('dataset')))}, seed {res.get('seed')}; report.json holds every "
+             "number below.</p>"] + results_section(rep, names) + ["<h2>Loss curves</h2>"]
+    parts += [f'<p><img src="{html.escape(p)}" alt="{s}"></p>' for s, p in rep["curves"].items()]
+    parts += grid_section(rep) + maps_section(rep) + words_section(rep)
     style = ("body{font-family:sans-serif;max-width:1400px;margin:auto} table{border-collapse:collapse;margin:8px 0}"
              "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} img{max-width:100%}")
-    return f"<!doctype html>\n<html><head><meta charset='utf-8'><title>SemPLeS report</title><style>{style}</style>" \
-           f"</head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>SemPLeS report</title><style>{style}</style>"
+            "</head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
 
 def main(args):
@@ -425,11 +442,13 @@ def main(args):
     prompts_path = os.path.join(out, "prompt", "prompts.pt")
     u_b = load_prompt_features(prompts_path, clip_model, names, "--out")
     u_f = class_text_features(clip_model, names)
-    picture, shares = prompt_maps(args, ids, names, clip_model, u_f, u_b, device, meta)
-    save_png(picture, os.path.join(folder, "prompt_maps.png"))
-    rep["prompt_maps"] = {"png": "report/prompt_maps.png", "logit_scale": float(clip_model.logit_scale.exp()),
-                          "patches": args.patches,
-                          "classes": shares}
+    rep["home"] = (meta or {}).get("home", {})
+    rep["prompt_maps"] = {"png": None, "logit_scale": float(clip_model.logit_scale.exp()), "patches": args.patches,
+                          "images": min(len(ids), args.map_images), "classes": {}}
+    if hasattr(clip_model.visual, "patch_features"):  # a ViT; a ResNet CLIP has no patch tokens to read
+        picture, shares = prompt_maps(args, ids[:args.map_images], names, clip_model, u_f, u_b, device, meta)
+        save_png(picture, os.path.join(folder, "prompt_maps.png"))
+        rep["prompt_maps"].update(png="report/prompt_maps.png", classes=shares)
     near = common.load_checkpoint(prompts_path, "prompts", "--out").get("nearest_words")
     rep["nearest_words_source"] = "from prompts.pt (stage b's log lists them too)"
     if near is None:  # prompts learned before train_prompt.py kept them
