@@ -14,7 +14,8 @@
 # key of its inputs (the dataset's files, the CLIP and --init files); it is skipped on the next run only if
 # both are the same (else it is redone from scratch, and so is every step after it). An interrupted training step resumes from its own checkpoint. Extra flags for
 # one stage: CAM_ARGS, MATCH_ARGS, PROMPT_ARGS, REFINE_ARGS, PSEUDO_ARGS, SEG_ARGS, TOY_ARGS.
-# Writes OUT/results.json (every number of the printed table) and prints the table.
+# Writes OUT/results.json (every number of the printed table) and prints the table; then OUT/report.html (report.py:
+# results, loss curves, CAMs per stage, the learned prompts' region maps and nearest words) and prints its path.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -160,3 +161,7 @@ seg_cell = f"{res['segmenter_val_miou']:37.2f}" if seg else f"{'not run (--no-se
 print(f"{'segmenter on pseudo masks, val':34s} {seg_cell}")
 print(f"results: {os.path.join(out, 'results.json')}")
 EOF
+
+# The pictures and numbers of this run on one page (report.py): read from OUT, redone when any step was.
+step report "$OUT/report" "$PY" report.py --dataset "$DATASET" --data "$DATA" --out "$OUT" --clip "$CLIP" --device "$DEVICE"
+echo "report: $OUT/report.html"

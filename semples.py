@@ -207,6 +207,33 @@ def class_text_features(model, class_names, template=TEMPLATE):
     return F.normalize(model.encode_text(tokens.to(next(model.parameters()).device)).float(), dim=-1)
 
 
+WORDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "words.txt")  # the shipped vocabulary
+
+
+def read_words(path, flag="--words"):
+    """A word list: one word or short phrase a line; blank lines and '#' comments skipped, repeats dropped."""
+    try:
+        with open(path) as f:
+            lines = [line.strip() for line in f]
+    except OSError as e:
+        raise FileNotFoundError(f"{flag} {path}: cannot read it ({e.strerror}); pass a text file with one word "
+                                "a line, e.g. the shipped words.txt") from None
+    words = list(dict.fromkeys(w for w in lines if w and not w.startswith("#")))
+    if not words:
+        raise ValueError(f"{flag} {path} holds no words (one word or phrase a line, '#' starts a comment)")
+    return words
+
+
+@torch.no_grad()
+def nearest_words(model, features, words, k=5, batch=256):
+    """The k words whose text features E_T("a photo of {word}.") are closest (cosine) to each row of
+    `features` [K, D] (normalised, e.g. the learned prompts u^b): per row, [[word, cosine], ...], best first.
+    What a learned prompt "says", as the authors' release prints it."""
+    text = torch.cat([class_text_features(model, words[i:i + batch]) for i in range(0, len(words), batch)])
+    values, index = (features.float() @ text.t()).topk(min(k, len(words)), dim=-1)
+    return [[[words[j], round(v, 4)] for v, j in zip(vs, js)] for vs, js in zip(values.tolist(), index.tolist())]
+
+
 def clip_normalise(x):
     """Images in [0, 1] [B, 3, H, W] -> CLIP's input normalisation (its own mean/std)."""
     mean = torch.tensor(clip.MEAN, device=x.device).view(1, 3, 1, 1)

@@ -20,7 +20,9 @@ Ablations (paper Table 4): `--lambda_T 0` (L_prompt^I only), `--no-image_term` (
 `--epochs 0` (unlearned, randomly initialised prompts).
 
 Writes OUT/prompts.pt: the prompts [K, L, D], their text features u^b [K, D], the class names, the
-CLIP identity, optimizer and epoch (resumed from if present); OUT/log.txt, OUT/args.json.
+CLIP identity, optimizer and epoch (resumed from if present), and at the end `nearest_words` ({class:
+[[word, cosine], ...]}: the --nearest_k words of --words closest to u^b_k, also one log line per class);
+OUT/log.txt, OUT/args.json.
 """
 import argparse
 import os
@@ -30,8 +32,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
-from semples import (L_prompt, Prompts, class_text_features, clip_identity, encode_images, load_frozen_clip,
-                     load_mask_generator, masked_pairs, weights_fingerprint)
+from semples import (WORDS, L_prompt, Prompts, class_text_features, clip_identity, encode_images, load_frozen_clip,
+                     load_mask_generator, masked_pairs, nearest_words, read_words, weights_fingerprint)
 
 PRESETS = common.presets(
     voc=dict(match="out/voc/match/checkpoint.pt", out="out/voc/prompt"),
@@ -40,6 +42,9 @@ PRESETS = common.presets(
     # tokens never trained, and the EOT feature must sit where they did.
     toy=dict(match="out/toy/match/checkpoint.pt", out="out/toy/prompt", epochs=30, prompt_length=8, workers=1),
 )
+
+
+WORD_FLAGS = ("words", "nearest_k")  # they shape no prompt: a resumed run may change them
 
 
 def build_parser():
@@ -61,6 +66,10 @@ def build_parser():
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from OUT/prompts.pt if present (refused if result-shaping flags changed); "
                         "--no-resume removes it and starts afresh")
+    p.add_argument("--words", type=str, default=WORDS,
+                   help="word list (one word or phrase a line) whose nearest words to each learned prompt are "
+                        "logged and kept in prompts.pt")
+    p.add_argument("--nearest_k", type=common.positive_int, default=5, help="nearest words kept per class")
     return p
 
 
@@ -96,6 +105,7 @@ def background_cache(args, S, clip_model, K, device, log, rank=0):
 def main(args):
     device, rank, world, log, out_path, names = common.begin(args, "prompts.pt")
     K = len(names)
+    words = read_words(args.words)  # read now: a bad path should not wait for the end of training
     S, match_ckpt = load_mask_generator(args.match, device, "--match", names)
     if not match_ckpt.get("done", True):
         raise ValueError(f"--match {args.match} is from an unfinished stage (a) run (epoch "
@@ -114,7 +124,7 @@ def main(args):
     lr = args.lr * args.batch_size / 512
     opt = torch.optim.AdamW(prompts.parameters(), lr=lr, weight_decay=args.weight_decay)
     start = 0
-    ckpt = common.resume_or_start(args, out_path, "prompts", log, rank)
+    ckpt = common.resume_or_start(args, out_path, "prompts", log, rank, free=WORD_FLAGS)
     if ckpt is not None:
         prompts.prompts.data.copy_(ckpt["prompts"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -122,7 +132,7 @@ def main(args):
         log(f"resumed from {out_path} at epoch {start}/{args.epochs}")
     model = DDP(prompts) if world > 1 else prompts
 
-    def save(epoch):
+    def save(epoch, extra=None):
         if rank == 0:
             with torch.no_grad():
                 u_b = prompts(clip_model)
@@ -131,7 +141,7 @@ def main(args):
                                     "clip": args.clip, "fingerprint": clip_identity(clip_model),
                                     "optimizer": opt.state_dict(),
                                     "epoch": epoch, "epochs": args.epochs, "done": epoch == args.epochs,
-                                    "args": vars(args)}, out_path)
+                                    "args": vars(args), **(extra or {})}, out_path)
 
     if args.epochs == 0 or start == 0:
         save(start)  # unlearned prompts are a valid (ablation) output too
@@ -164,6 +174,11 @@ def main(args):
         u_b = prompts(clip_model)
     gap = (u_b * u_f).sum(-1)
     log("sim(u^b_k, u^f_k) per class: " + " ".join(f"{n} {v:.3f}" for n, v in zip(names, gap.tolist())))
+    if rank == 0:  # after training, from the final u^b: nothing above (the prompts, the RNG) depends on it
+        near = dict(zip(names, nearest_words(clip_model, u_b, words, args.nearest_k)))
+        for n, pairs in near.items():
+            log(f"nearest words to u^b {n}: " + ", ".join(f"{w} {c:.3f}" for w, c in pairs))
+        save(args.epochs, {"nearest_words": near})
     log(f"done: {out_path}")
     common.cleanup_distributed()
 

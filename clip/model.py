@@ -69,12 +69,37 @@ class VisionTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-    def forward(self, x):
+    def tokens(self, x, last_block=True):
+        """The transformer's tokens [N, 1 + grid*grid, width], class token first; without `last_block`,
+        those that enter the last block."""
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [N, grid*grid, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj
+        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))
+        for block in self.transformer.resblocks[:None if last_block else -1]:
+            x = block(x)
+        return x
+
+    def forward(self, x):
+        return self.ln_post(self.tokens(x)[:, 0]) @ self.proj
+
+    def patch_features(self, x, dense="value"):
+        """One feature per patch in the joint image-text space, [N, grid*grid, output_dim], row-major over
+        the patch grid. CLIP never trained these to match text; two ways to read them:
+          'value' (MaskCLIP, Zhou et al. ECCV 2022): the last block's value path alone (ln_1, v, out_proj;
+              no attention mixing, residual or MLP), then ln_post and proj. Each patch keeps its own content.
+          'tokens': the last block's patch tokens through ln_post and proj, as the class token goes. The
+              last attention mixes global content into every patch: on the toy CLIP these maps put the
+              class text *off* the object (its mass there below the object's area), the value path 3x on it.
+        """
+        if dense == "tokens":
+            return self.ln_post(self.tokens(x)[:, 1:]) @ self.proj
+        if dense != "value":
+            raise ValueError(f"dense must be 'value' or 'tokens', got {dense!r}")
+        last = self.transformer.resblocks[-1]
+        y = last.ln_1(self.tokens(x, last_block=False)[:, 1:])
+        width = y.shape[-1]  # in_proj stacks the q, k, v weights: v is the last third
+        v = F.linear(y, last.attn.in_proj_weight[2 * width:], last.attn.in_proj_bias[2 * width:])
+        return self.ln_post(last.attn.out_proj(v)) @ self.proj
 
 
 class Bottleneck(nn.Module):
@@ -199,6 +224,13 @@ class CLIP(nn.Module):
 
     def encode_image(self, image):
         return self.visual(image.type(self.dtype))
+
+    def encode_image_patches(self, image, dense="value"):
+        """Per-patch image features [N, grid*grid, embed_dim] (not normalised; VisionTransformer.patch_features
+        says what `dense` picks); ViT CLIPs only."""
+        if not isinstance(self.visual, VisionTransformer):
+            raise ValueError("per-patch features need a ViT CLIP (e.g. ViT-B/32); this one is a modified ResNet")
+        return self.visual.patch_features(image.type(self.dtype), dense)
 
     def encode_token_embeddings(self, x, eot_index):
         """Text features from token embeddings; the entry point for learned (CoOp-style) prompts.

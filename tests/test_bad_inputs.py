@@ -17,6 +17,7 @@ import common
 import compare_clusters
 import eval_miou
 import make_pseudo
+import report
 import semples
 import train_cam
 import train_match
@@ -26,7 +27,7 @@ import train_seg
 
 SCRIPTS = {"train_cam": train_cam, "train_match": train_match, "train_prompt": train_prompt,
            "train_refine": train_refine, "make_pseudo": make_pseudo, "train_seg": train_seg, "eval_miou": eval_miou,
-           "compare_clusters": compare_clusters}
+           "compare_clusters": compare_clusters, "report": report}
 CPU = ["--dataset", "toy", "--device", "cpu", "--workers", "0"]
 
 
@@ -63,6 +64,7 @@ def w(toy_world, tmp_path_factory):
     (tmp / "text.pt").write_text("not a checkpoint\n")
     (tmp / "truncated.pt").write_bytes(open(toy_world["clip"], "rb").read()[:50000])
     (tmp / "afile").write_text("x")
+    (tmp / "nowords.txt").write_text("# a comment, no words\n\n")
     names = toy_world["class_names"]
     for bad, clusters in {"unknown": {"a": names + ["unicorn"]}, "twice": {"a": names, "b": names[:1]},
                           "missing": {"a": names[1:]}}.items():
@@ -78,6 +80,7 @@ def fill(argv, w):
 
 TRAIN = CPU + ["--data", "{root}", "--out", "{tmp}/o", "--size", 32, "--batch_size", 16]
 MATCH = CPU + ["--data", "{root}", "--out", "{tmp}/o", "--init", "{S}", "--batch_size", 16]
+PROMPT = CPU + ["--data", "{root}", "--out", "{tmp}/o"]
 CASES = [  # (kind, script, argv, fragments the message must hold)
     ("epochs 0", "train_cam", TRAIN + ["--epochs", 0], ["--epochs", "positive"]),
     ("epochs negative", "train_match", MATCH + ["--epochs", -2], ["--epochs", "positive"]),
@@ -111,6 +114,12 @@ CASES = [  # (kind, script, argv, fragments the message must hold)
      ["--clusters", "notjson.json", "not valid JSON"]),
     ("cluster file: absent", "train_cam", TRAIN + ["--clusters", "{tmp}/nowhere.json"],
      ["--clusters", "nowhere.json", "cannot read"]),
+    ("word list: absent", "train_prompt", PROMPT + ["--words", "{tmp}/nowhere.txt"],
+     ["--words", "nowhere.txt", "cannot read"]),
+    ("word list: no words", "train_prompt", PROMPT + ["--words", "{tmp}/nowords.txt"],
+     ["--words", "nowords.txt", "holds no words"]),
+    ("report of no run", "report", ["--dataset", "toy", "--data", "{root}", "--out", "{tmp}/norun", "--device", "cpu"],
+     ["norun/results.json not found", "run bash run.sh first"]),
     ("segmenter: frozen BatchNorm of random weights", "train_seg", CPU + ["--data", "{root}", "--masks", "{gt}",
                                                                            "--backbone", "resnet101", "--freeze_bn"],
      ["--freeze_bn", "ImageNet weights", "--init", "--no-freeze_bn"]),

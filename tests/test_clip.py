@@ -90,6 +90,39 @@ def test_small_modified_resnet_matches_open_clip(tmp_path):
     assert torch.equal(logits_per_text, logits_per_image.t())
 
 
+def test_patch_features(tmp_path):
+    """encode_image_patches: 'tokens' = open_clip's ViT patch tokens (after ln_post) times the visual
+    projection; 'value' (MaskCLIP) = the last block's own attention made to attend each token to itself
+    only; the class token through `tokens` is encode_image; a ResNet CLIP and an unknown mode are refused."""
+    torch.manual_seed(0)
+    vision = CLIPVisionCfg(layers=2, width=64, image_size=32, patch_size=8)
+    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=2)
+    ref = open_clip.model.CLIP(32, vision, text, quick_gelu=True).eval()
+    _randomize_1d(ref)
+    torch.save(ref.state_dict(), tmp_path / "vit.pt")
+    model, _ = clip.load(str(tmp_path / "vit.pt"), device="cpu")
+    images = torch.randn(2, 3, 32, 32)
+    ref.visual.output_tokens = True
+    v = model.visual
+    with torch.no_grad():
+        _, tokens = ref.visual(images)
+        ours = model.encode_image_patches(images, "tokens")
+        last = v.transformer.resblocks[-1]
+        y = last.ln_1(v.tokens(images, last_block=False))
+        self_only = torch.full((17, 17), float("-inf")).fill_diagonal_(0)
+        attended = last.attn(y, y, y, need_weights=False, attn_mask=self_only)[0]
+        value = model.encode_image_patches(images)
+        cls = v.ln_post(v.tokens(images)[:, 0]) @ v.proj
+    assert ours.shape == value.shape == (2, 16, 32)
+    assert (ours - tokens @ ref.visual.proj).abs().max().item() < 1e-4
+    assert (value - v.ln_post(attended[:, 1:]) @ v.proj).abs().max().item() < 1e-4
+    assert torch.equal(cls, model.encode_image(images))
+    with pytest.raises(ValueError, match="'value' or 'tokens'"):
+        model.encode_image_patches(images, "keys")
+    rn = clip.CLIP(64, 64, (1, 1, 1, 1), 32, None, 77, 49408, 64, 1, 1)
+    with pytest.raises(ValueError, match="ViT"):
+        rn.encode_image_patches(torch.randn(1, 3, 64, 64))
+
 # ---------------------------------------------------------------- tokenizer
 
 HARD_STRINGS = [

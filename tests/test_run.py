@@ -1,6 +1,6 @@
 """run.sh end to end on a very small toy configuration: every step runs, the table is printed with
-numbers, results.json holds them, a second run skips the finished steps, a changed flag redoes its
-step and every step after it, and so does an edited dataset file."""
+numbers, results.json holds them, the report is written last and its path printed, a second run skips the
+finished steps, a changed flag redoes its step and every step after it, and so does an edited dataset file."""
 import json
 import os
 import re
@@ -18,6 +18,11 @@ SMALL = {
 }
 
 
+def table(stdout):
+    """The printed results table, from its title to the results.json line."""
+    return stdout[stdout.index("\nSemPLeS on "):stdout.index("\nresults: ")]
+
+
 def test_run_sh_prints_the_table(tmp_path):
     env = {**os.environ, **SMALL, "PYTHON": sys.executable}
     cmd = ["bash", os.path.join(REPO, "run.sh"), "--toy", str(tmp_path / "toy"), "--out", str(tmp_path / "out")]
@@ -31,9 +36,14 @@ def test_run_sh_prints_the_table(tmp_path):
     for key in ("cam", "a", "c"):
         assert f"{results[key]['seed_miou']:10.2f}" in proc.stdout and 0 <= results[key]["pseudo_miou"] <= 100
     assert f"{results['segmenter_val_miou']:.2f}" in proc.stdout
+    page = tmp_path / "out" / "report.html"  # the last step, its path the last line
+    assert proc.stdout.splitlines()[-1] == f"report: {tmp_path / 'out'}/report.html" and page.exists()
+    assert f"<td>{results['c']['seed_miou']:.2f}</td>" in page.read_text()
+    assert (tmp_path / "out" / "report" / "curves_seg.png").exists()
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "== match: done, skipped" in again.stdout
-    assert again.stdout.splitlines()[-5:] == proc.stdout.splitlines()[-5:]
+    assert "== report: done, skipped" in again.stdout and again.stdout.endswith(proc.stdout.splitlines()[-1] + "\n")
+    assert table(again.stdout) == table(proc.stdout)
     # another prompt flag: stage (b) and everything after it are redone, the steps before it are not
     changed = subprocess.run(cmd, cwd=REPO, env={**env, "PROMPT_ARGS": SMALL["PROMPT_ARGS"] + " --lambda_T 0.05"},
                              capture_output=True, text=True, timeout=600)
@@ -57,6 +67,9 @@ def test_run_sh_prints_the_table(tmp_path):
     assert re.search(r"^segmenter on pseudo masks, val\s+not run \(--no-seg\)$", cl.stdout, re.M), cl.stdout
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["segmenter_val_miou"] is None and results["clusters"] == clusters
+    assert "== report: its command" in cl.stdout  # redone after the CAM network, without the segmenter's curves
+    assert "not run (--no-seg)" in (tmp_path / "out" / "report.html").read_text()
+    assert not (tmp_path / "out" / "report" / "curves_seg.png").exists()
     bad = subprocess.run(cmd + ["--clusters", str(tmp_path / "none.json")], cwd=REPO, env=env, capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "--clusters file" in bad.stderr and "none.json" in bad.stderr

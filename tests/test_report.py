@@ -1,0 +1,171 @@
+"""report.py on a small run of the session's toy world (every stage one or two epochs, no segmenter, as
+`run.sh --no-seg` leaves it): the page and its pictures are written, are valid PNGs of the sizes their
+layout gives, and what they show comes from the run (results.json, seed.json, the CAM files, prompts.pt),
+checked against independent recomputations; stage (b) keeps the nearest words in prompts.pt."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+import eval_miou
+import make_pseudo
+import report
+import train_cam
+import train_match
+import train_prompt
+import train_refine
+from cams import load_cams
+
+
+def run(module, argv):
+    return module.main(common.parse_args(module.build_parser(), module.PRESETS, [str(a) for a in argv]))
+
+
+@pytest.fixture(scope="module")
+def small_run(toy_world, tmp_path_factory):
+    """The run folder run.sh --no-seg leaves, made in this process (subprocesses cost seconds of imports)."""
+    out, data, clip = tmp_path_factory.mktemp("run"), toy_world["root"], toy_world["clip"]
+    cpu = ["--dataset", "toy", "--device", "cpu", "--workers", 0, "--data", data]
+    ckpt = {"cam": out / "cam" / "checkpoint.pt", "a": out / "match" / "checkpoint.pt",
+            "c": out / "refine" / "checkpoint.pt"}
+    run(train_cam, cpu + ["--out", out / "cam", "--epochs", 1, "--batch_size", 16, "--size", 64])
+    run(train_match, cpu + ["--clip", clip, "--init", ckpt["cam"], "--out", out / "match", "--epochs", 1,
+                            "--batch_size", 16])
+    run(train_prompt, cpu + ["--clip", clip, "--match", ckpt["a"], "--out", out / "prompt", "--epochs", 2,
+                             "--batch_size", 16, "--prompt_length", 4, "--nearest_k", 3])
+    run(train_refine, cpu + ["--clip", clip, "--init", ckpt["cam"], "--prompts", out / "prompt" / "prompts.pt",
+                             "--out", out / "refine", "--epochs", 1, "--batch_size", 16])
+    results = {"dataset": "toy", "seed": 504, "clusters": None, "segmenter_val_miou": None}
+    for key, folder in (("cam", "seeds_cam"), ("a", "seeds_a"), ("c", "seeds_c")):  # as run.sh's seeds()
+        d = out / folder
+        run(make_pseudo, cpu + ["--checkpoint", ckpt[key], "--split", "train", "--out", d])
+        evaluate = ["--dataset", "toy", "--data", data, "--split", "train", "--workers", 0]
+        seed = run(eval_miou, evaluate + ["--cams", d / "cams", "--json", d / "seed.json"])
+        mask = run(eval_miou, evaluate + ["--pred", d / "masks", "--json", d / "mask.json"])
+        results[key] = {"seed_miou": round(seed["miou"], 2), "seed_threshold": seed["best_threshold"],
+                        "pseudo_miou": round(mask["miou"], 2)}
+    (out / "results.json").write_text(json.dumps(results))
+    rep = run(report, ["--dataset", "toy", "--data", data, "--clip", clip, "--out", out, "--device", "cpu",
+                       "--n", 3, "--per_class", 1, "--tile", 64])
+    return {"out": out, "rep": rep, "results": results, "html": (out / "report.html").read_text(),
+            "ids": common.read_ids(data, "train"), "root": data}
+
+
+def png(path):
+    """The size of a valid PNG file."""
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        im.verify()
+        return im.size
+
+
+def gt_of(root, image_id):
+    return common.read_mask(os.path.join(root, "SegmentationClass", f"{image_id}.png"))
+
+
+def test_files_are_written_as_valid_pngs_of_their_layout(small_run, toy_world):
+    out, rep, tile, step = small_run["out"], small_run["rep"], 64, 64 + report.GAP
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(rep))
+    # grid: one row per (image, class) of the first 3 train images, six columns
+    want = [(i, toy_world["class_names"][v - 1]) for i in small_run["ids"][:3]
+            for v in common.labels_of_mask(gt_of(small_run["root"], i))]
+    assert [(r["id"], r["class"]) for r in rep["grid"]["rows"]] == want
+    size = (report.LABELS + 6 * step + report.GAP, report.HEADER + len(want) * step + report.GAP)
+    assert png(out / "report" / "grid.png") == size
+    # prompt maps: one row per class present in the train list, four columns per shown image
+    present = [n for n, s in rep["prompt_maps"]["classes"].items() if s["pairs"]]
+    assert png(out / "report" / "prompt_maps.png") == (report.LABELS + 4 * step + report.GAP,
+                                                       report.HEADER + len(present) * step + report.GAP)
+    # loss curves: the training stages of a --no-seg run, one panel per logged field but time
+    assert sorted(rep["curves"]) == ["cam", "match", "prompt", "refine"]
+    assert not (out / "report" / "curves_seg.png").exists()
+    for stage, rel in rep["curves"].items():
+        last = [line for line in (out / stage / "log.txt").read_text().splitlines() if f"[{stage}]" in line][-1]
+        fields = last.split("] ", 1)[1].split()[::2]  # name value name value ...
+        n = len(fields) - 1  # all but time
+        assert "time" in fields and "lr" in fields and n >= 2
+        assert png(out / rel) == (min(3, n) * report.PANEL[0], 20 + -(-n // 3) * report.PANEL[1]), (stage, last)
+        assert f'src="{rel}"' in small_run["html"]
+
+
+def test_numbers_on_the_page_come_from_the_run(small_run, toy_world):
+    out, rep, page, results = small_run["out"], small_run["rep"], small_run["html"], small_run["results"]
+    for key in ("cam", "a", "c"):
+        for number in ("seed_miou", "pseudo_miou"):
+            assert f"<td>{results[key][number]:.2f}</td>" in page
+        seed = json.loads((out / report.STAGES[key][0] / "seed.json").read_text())
+        for name in toy_world["class_names"]:
+            if seed["iou"][name] is not None:
+                assert f"<td>{seed['iou'][name]:.2f}</td>" in page
+    assert "not run (--no-seg)" in page
+    # the first grid row's IoUs, recomputed from the CAM files and the ground truth
+    row = rep["grid"]["rows"][0]
+    gt = gt_of(small_run["root"], row["id"])
+    v = toy_world["class_names"].index(row["class"]) + 1
+    for key, (folder, _) in report.STAGES.items():
+        cams, classes = load_cams(str(out / folder / "cams" / f"{row['id']}.npz"))
+        t = json.loads((out / folder / "seed.json").read_text())["best_threshold"]
+        pred = (cams.max(0) > t) & (classes[cams.argmax(0)] == v)
+        truth, valid = gt == v, gt != 255
+        want = 100 * (pred & truth & valid).sum() / ((pred | truth) & valid).sum()
+        assert row["iou"][key] == pytest.approx(want) and f"<td>{want:.2f}</td>" in page
+    # the prompt-map shares: one (image, class) pair each, fractions of one map, printed as computed
+    pairs = {n: 0 for n in toy_world["class_names"]}
+    for i in small_run["ids"]:
+        for v in common.labels_of_mask(gt_of(small_run["root"], i)):
+            pairs[toy_world["class_names"][v - 1]] += 1
+    for name, s in rep["prompt_maps"]["classes"].items():
+        assert s["pairs"] == pairs[name] and s["home"] == toy_world["meta"]["home"][name]
+        if s["pairs"]:
+            assert 0 <= s["ub_bg"] and 0 <= s["ub_obj"] and s["ub_bg"] + s["ub_obj"] <= 1 + 1e-6
+            assert f"<td>{s['ub_bg']:.3f}</td>" in page and f"<td>{s['uf_obj']:.3f}</td>" in page
+
+
+def test_stage_b_keeps_the_nearest_words(small_run, toy_world):
+    out, words = small_run["out"], report.read_words(report.WORDS)
+    ckpt = torch.load(out / "prompt" / "prompts.pt", weights_only=True)
+    near = ckpt["nearest_words"]
+    assert list(near) == toy_world["class_names"]
+    log = (out / "prompt" / "log.txt").read_text()
+    for name, pairs in near.items():
+        assert len(pairs) == 3 and all(w in words for w, _ in pairs)
+        assert [c for _, c in pairs] == sorted((c for _, c in pairs), reverse=True)
+        assert f"nearest words to u^b {name}: " + ", ".join(f"{w} {c:.3f}" for w, c in pairs) in log
+    assert small_run["rep"]["nearest_words"] == near  # the page shows what stage (b) kept
+    for name, pairs in near.items():
+        assert f"<td>{pairs[0][0]} {pairs[0][1]:.3f}</td>" in small_run["html"]
+
+
+def test_a_uniform_map_puts_the_background_area_on_the_background():
+    """on_image's normalisation: a flat map over the patches gives each labelled pixel the same mass."""
+    gt = np.zeros((40, 40), np.uint8)
+    gt[10:20, 5:30], gt[0, :] = 3, 255
+    full = report.on_image(torch.full((4, 4), 1 / 16), gt)
+    assert full.sum() == pytest.approx(1) and full[gt == 255].sum() == 0
+    assert full[gt == 0].sum() == pytest.approx((gt == 0).sum() / (gt != 255).sum())
+
+
+def test_loss_curves_read_the_finished_run(tmp_path):
+    """Per-epoch lines only (not 'resumed ... at epoch 3/6'); a resumed run's re-logged epoch and a run
+    started afresh replace what came before; time is not a curve."""
+    log = tmp_path / "log.txt"
+    log.write_text("\n".join([
+        "2026-01-01 00:00:00 epoch 1/3 [match] loss 3.0000 fg 1.0000 lr 1.00e-03 time 1.0s",
+        "2026-01-01 00:00:01 epoch 2/3 [match] loss 2.0000 fg 0.9000 lr 5.00e-04 time 1.0s",
+        "2026-01-01 00:00:02 resumed from x/checkpoint.pt at epoch 1/3",
+        "2026-01-01 00:00:03 epoch 2/3 [match] loss 2.5000 fg 0.9500 lr 5.00e-04 time 1.0s",
+        "2026-01-01 00:00:04 epoch 3/3 [match] loss 1.0000 fg 0.8000 lr 0.00e+00 time 1.0s"]) + "\n")
+    unit, series = report.read_curves(str(log))
+    assert unit == "epoch" and list(series) == ["loss", "fg", "lr"]
+    assert series["loss"] == [(1, 3.0), (2, 2.5), (3, 1.0)] and series["fg"][1] == (2, 0.95)
+    with open(log, "a") as f:  # the same folder run afresh (--no-resume) for one epoch
+        f.write("2026-01-01 00:01:00 epoch 1/1 [match] loss 9.0000 fg 1.0000 lr 1.00e-03 time 1.0s\n")
+    assert report.read_curves(str(log))[1]["loss"] == [(1, 9.0)]
+    log.write_text("2026-01-01 00:00:05 iter 100/200 loss 0.5000 lr 1.00e-02 time 9.0s\n"
+                   "2026-01-01 00:00:06 iter 200/200 loss 0.4000 lr 0.00e+00 time 18.0s\n"
+                   "2026-01-01 00:00:07 mIoU: 66.23\n")
+    assert report.read_curves(str(log)) == ("iter", {"loss": [(100, 0.5), (200, 0.4)], "lr": [(100, 0.01), (200, 0.0)]})
