@@ -466,8 +466,8 @@ def main(args):
         json.dump(rep, f, indent=1)
     with common.atomic_path(os.path.join(out, "report.html")) as tmp, open(tmp, "w") as f:
         f.write(page(rep, names))
-    print(f"wrote {os.path.join(out, 'report.html')}: {len(rows)} grid rows, {len(shares)} classes' prompt maps, "
-          f"{len(rep['curves'])} loss-curve pictures in {folder}")
+    print(f"wrote {os.path.join(out, 'report.html')}: {len(rows)} grid rows, "
+          f"{len(rep['prompt_maps']['classes'])} classes' prompt maps, {len(rep['curves'])} loss-curve pictures in {folder}")
     return rep
 
 
