@@ -1,7 +1,7 @@
 """The paper's ablations on one dataset, each cell a mean +- std of seed mIoU (train list, best threshold of a
 sweep) over pipeline seeds:
     Table 4  L_match only | + L_refine with unlearned prompts | + L_prompt^T only | + L_prompt^I only | all
-    Table 5  lambda = 0, 0.01, 0.02, 0.05, 0.1
+    Table 5  lambda = 0, 0.01, 0.02, 0.05, 0.1 (VOC; other presets: the same multiples of their lambda)
     Table 6  sequential (a) -> (b) -> (c)  vs  joint training of S and the prompts
 
 Toy world (2-core CPU, about 40 minutes for 3 seeds; data/toy must exist: `python make_toy.py`):
@@ -23,14 +23,20 @@ import torch
 
 import common
 
-LAMBDAS = (0.01, 0.02, 0.05, 0.1)
+# Table 5's grid: the paper's lambdas 0.01, 0.02, 0.05, 0.1 as multiples of its VOC lambda 0.05, so that the
+# sweep brackets each preset's lambda the same way (VOC: the paper's values; toy 2.0: 0.4, 0.8, 2, 4).
+LAMBDA_GRID = (0.2, 0.4, 1.0, 2.0)
+
+
+def lambdas(lambda_preset):
+    return [round(lambda_preset * f, 6) for f in LAMBDA_GRID]
 # run name -> (prompt variant or None, stage (c) flags); "a" is stage (a) itself (L_match only, lambda 0)
 PROMPTS = {"all": [], "unlearned": ["--epochs", "0"], "T_only": ["--no-image_term"], "I_only": ["--lambda_T", "0"]}
 
 
 def refine_runs(lambda_preset):
     runs = {f"c_{p}": (p, []) for p in PROMPTS}
-    runs.update({f"c_lambda{lam}": ("all", ["--lambda_refine", str(lam)]) for lam in LAMBDAS
+    runs.update({f"c_lambda{lam}": ("all", ["--lambda_refine", str(lam)]) for lam in lambdas(lambda_preset)
                  if lam != lambda_preset})
     runs["joint"] = (None, ["--joint"])
     return runs
@@ -51,7 +57,7 @@ def build_parser():
     return p
 
 
-PRESETS = common.presets(toy=dict(out="out/toy_ablate", lambda_refine=0.05),
+PRESETS = common.presets(toy=dict(out="out/toy_ablate", lambda_refine=2.0),
                          voc=dict(out="out/voc_ablate", lambda_refine=0.05),
                          coco=dict(out="out/coco_ablate", lambda_refine=0.2))
 
@@ -114,8 +120,8 @@ def one_seed(args, seed, log):
 def tables(lam):
     """(title, [(row label, run name)]) of the paper's Tables 4, 5 and 6."""
     lam_rows = [("lambda 0 (L_match only)", "a")] + [
-        (f"lambda {v}", "c_all" if v == lam else f"c_lambda{v}") for v in LAMBDAS]
-    if lam not in LAMBDAS:
+        (f"lambda {v}", "c_all" if v == lam else f"c_lambda{v}") for v in lambdas(lam)]
+    if lam not in lambdas(lam):
         lam_rows.append((f"lambda {lam} (preset)", "c_all"))
     return [
         ("Table 4: losses", [("CAM network (start of a and c)", "cam"), ("L_match only", "a"),

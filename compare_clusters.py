@@ -4,6 +4,8 @@ sweep) and pseudo-mask mIoU (fixed preset threshold) on the train list.
 
 Toy world (2-core CPU, about 35 minutes for 3 seeds; data/toy is made first if absent):
     python compare_clusters.py --dataset toy --seeds 0 1 2 --out out/toy_clusters
+The plain pipeline alone over seeds (README, "Does SemPLeS work on the toy world?"):
+    python compare_clusters.py --dataset toy --seeds 0 1 2 --arms without --out out/toy_seeds
 VOC (the cluster file defaults to clusters/voc.json; flags for run.sh go through --run_args):
     python compare_clusters.py --dataset voc --run_args "--init data/resnet50-imagenet.pth --gpus 4"
 
@@ -34,6 +36,8 @@ def build_parser():
     p.add_argument("--out", type=str, default=None, help="output folder")
     p.add_argument("--seeds", type=common.nonnegative_int, nargs="+", default=[0, 1, 2], help="pipeline seeds")
     p.add_argument("--run_args", type=str, default="", help="extra flags for run.sh (e.g. --init FILE --gpus 4)")
+    p.add_argument("--arms", type=str, nargs="+", choices=ARMS, default=list(ARMS),
+                   help="which CAM networks: 'without' alone measures the plain pipeline over seeds (README)")
     return p
 
 
@@ -58,25 +62,27 @@ def main(args):
     args.clip = args.clip or common.DATASETS[args.dataset]["clip"]
     args.clusters = args.clusters or (os.path.join(args.data, "clusters.json") if args.dataset == "toy"
                                       else os.path.join(common.REPO, "clusters", f"{args.dataset}.json"))
-    if args.dataset != "toy" or os.path.exists(args.clusters):  # the toy's is written by run.sh's make_toy step
+    # the toy's cluster file is written by run.sh's make_toy step
+    if "with" in args.arms and (args.dataset != "toy" or os.path.exists(args.clusters)):
         common.read_clusters(args.clusters, common.read_class_names(args.data, args.dataset))
     log = common.Logger(args.out)
     common.save_args(args, args.out)
-    runs = {arm: {s: pipeline(args, arm, s, log) for s in args.seeds} for arm in ARMS}
+    runs = {arm: {s: pipeline(args, arm, s, log) for s in args.seeds} for arm in args.arms}
     cells = {arm: {row: {metric: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v}
                          for metric in ("seed_miou", "pseudo_miou")
                          for v in [[runs[arm][s][row][metric] for s in args.seeds]]}
-                   for row in ROWS} for arm in ARMS}
+                   for row in ROWS} for arm in args.arms}
     report = {"dataset": args.dataset, "seeds": args.seeds, "clusters": args.clusters, "cells": cells, "runs": runs,
               "metric": "mIoU %, train list; seeds at the best threshold of a 0.05-0.95 sweep, pseudo masks at the "
                         "preset threshold"}
     with common.atomic_path(os.path.join(args.out, "clusters.json")) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=1)
-    log(f"\nCategory clusters on {args.dataset} (mIoU %, train list, mean +- std over seeds {args.seeds}; "
-        f"'with': train_cam.py --clusters {args.clusters})")
-    log(f"{'':26s}" + "".join(f"{h:>17s}" for h in ("seed, without", "seed, with", "pseudo, without", "pseudo, with")))
+    title = ("Category clusters" if "with" in args.arms else "SemPLeS over pipeline seeds") + f" on {args.dataset}"
+    log(f"\n{title} (mIoU %, train list, mean +- std over seeds {args.seeds}"
+        + (f"; 'with': train_cam.py --clusters {args.clusters})" if "with" in args.arms else ")"))
+    log(f"{'':26s}" + "".join(f"{m + ', ' + arm:>17s}" for m in ("seed", "pseudo") for arm in args.arms))
     for row, name in ROWS.items():
-        c = [cells[arm][row][m] for m in ("seed_miou", "pseudo_miou") for arm in ARMS]
+        c = [cells[arm][row][m] for m in ("seed_miou", "pseudo_miou") for arm in args.arms]
         log(f"{name:26s} " + " ".join(f"{x['mean']:8.2f} +- {x['std']:4.2f}" for x in c))
     log(f"written: {os.path.join(args.out, 'clusters.json')}")
 

@@ -479,6 +479,18 @@ def evaluate_clip(model, root, seed=0, n_bg=24):
             home = torch.stack([s[k, BACKGROUNDS.index(HOME[n])] for k, n in enumerate(NAMES)])
             out["object_over_home"] = {n: float(obj[k] - home[k]) for k, n in enumerate(NAMES)}
             out["object_over_home_mean"] = float((obj - home).mean())
+    # The background alone, as stage (b) learns the prompts from it: the object cut out (GT mask, mean fill).
+    # Among all 18 words (classes and sceneries, the stages' template), the image's own scenery should win.
+    regions = [(_read_json(os.path.join(root, "toy_meta.json")) or {})["images"][i]["regions"]
+               for i, s in zip(ids, single.tolist()) if s]
+    f = fill_colour("mean").view(1, 3, 1, 1)
+    vb = F.normalize(model.encode_image(clip_normalise((1 - m) * img + m * f)), dim=-1)
+    words = NAMES + BACKGROUNDS
+    uw = F.normalize(model.encode_text(clip.tokenize([TEMPLATES[-1].format(w) for w in words],
+                                                     context_length=model.context_length)), dim=-1)
+    top = (vb @ uw.T).argmax(1).tolist()
+    out["scenery_behind_acc"] = float(np.mean([words[t] in r for t, r in zip(top, regions)]))
+    out["scenery_behind_class_top1"] = float(np.mean([t == int(c) for t, c in zip(top, truth)]))
     return out
 
 
@@ -511,12 +523,28 @@ def _cutouts(seed, n, S, g):
     fill = torch.where((kind == 0)[:, None], 255 * fill_colour("mean"),
                        torch.where((kind == 1)[:, None], fixed[torch.randint(3, (n,), generator=g)],
                                    255 * torch.rand(n, 3, generator=g)))
-    return (m * x + (1 - m) * fill.view(n, 3, 1, 1)).round().to(torch.uint8), classes
+    return (m * x + (1 - m) * fill.view(n, 3, 1, 1)).round().to(torch.uint8), classes, m, fill
+
+
+def _holed(scenes, masks, fills, g):
+    """Scenery with a flat hole where an object was cut out, as the background images of stages (a)-(c),
+    (1 - M) * X, look to CLIP: each scene gets a random cut-out outline (any class), widened by 0-4 px on
+    half of them (CAM masks are blobs), filled like the cut-outs. Real CLIP still names such an image by
+    its scenery; a CLIP that never saw one reads the flat hole as "a cut-out object" and names the object
+    (measured on the toy CLIP without them: water with a boat-shaped hole matched "boat", rank 1 of 18,
+    and "water" ranked 11th)."""
+    n = len(scenes)
+    i = torch.randint(len(masks), (n,), generator=g)
+    m = masks[i].clone()
+    r = torch.randint(5, (n,), generator=g) * (torch.rand(n, generator=g) < 0.5)
+    for k in range(1, 5):
+        m[r == k] = F.max_pool2d(m[r == k], 2 * k + 1, 1, k)
+    return ((1 - m) * scenes.float() + m * fills[i].view(n, 3, 1, 1)).round().to(torch.uint8)
 
 
 def pretrain_clip(root, out_path, steps=900, batch_size=128, lr=1e-3, bg_caption_frac=0.0, plain_frac=0.2,
-                  scene_frac=0.25, bg_pool=48, cut_pool=512, seed=0, config=None, evaluate=True, force=False,
-                  log_every=100, quiet=False, threads=None):
+                  scene_frac=0.25, scene_hole_frac=0.5, bg_pool=48, cut_pool=512, seed=0, config=None, evaluate=True,
+                  force=False, log_every=100, quiet=False, threads=None):
     """Contrastive pretraining (symmetric InfoNCE; duplicate captions in a batch are all positives). A batch
     mixes what web data teaches real CLIP:
       - train_aug images captioned with the names of their objects ("a photo of a boat and a cow.");
@@ -527,7 +555,8 @@ def pretrain_clip(root, out_path, steps=900, batch_size=128, lr=1e-3, bg_caption
       - `plain_frac`: objects on plain backdrops (_cutouts), captioned with their classes, so that CLIP
         recognises an object cut out by a mask, as real CLIP does;
       - `scene_frac`: scenery alone captioned as scenery ("a photo of water."), so background words mean
-        something (the learned prompts' nearest words).
+        something (the learned prompts' nearest words); `scene_hole_frac` of those scenes show a flat hole
+        where an object was cut out (_holed), as the background images (1 - M) * X of the method do.
     Saves {"state_dict", "meta"} atomically; returns meta (with "loss_history"). Skipped if `out_path`
     holds a model trained with the same settings. `threads`: torch CPU threads while training (restored
     after); None keeps the current setting."""
@@ -535,8 +564,8 @@ def pretrain_clip(root, out_path, steps=900, batch_size=128, lr=1e-3, bg_caption
     dmeta = _read_json(os.path.join(root, "toy_meta.json")) or {}
     want = {"config": config, "dataset_args": dmeta.get("args"), "version": GEN_VERSION,
             "pretrain_args": dict(steps=steps, batch_size=batch_size, lr=lr, bg_caption_frac=bg_caption_frac,
-                                  plain_frac=plain_frac, scene_frac=scene_frac, bg_pool=bg_pool,
-                                  cut_pool=cut_pool, seed=seed)}
+                                  plain_frac=plain_frac, scene_frac=scene_frac, scene_hole_frac=scene_hole_frac,
+                                  bg_pool=bg_pool, cut_pool=cut_pool, seed=seed)}
     old = None if force or not os.path.exists(out_path) else _clip_meta_ok(out_path, want)
     if old is not None:
         return old
@@ -554,10 +583,12 @@ def pretrain_clip(root, out_path, steps=900, batch_size=128, lr=1e-3, bg_caption
         full = (x, [[NAMES[k] for k in np.flatnonzero(row)] for row in y])
         home = (_backgrounds([(HOME[n], [seed, 2, c, i]) for c, n in enumerate(NAMES) for i in range(bg_pool)], S),
                 [[n] for n in NAMES for _ in range(bg_pool)])
-        cut_x, cut_c = _cutouts(seed, cut_pool, S, g)
+        cut_x, cut_c, cut_m, cut_fill = _cutouts(seed, cut_pool, S, g)
         plain = (cut_x, [[NAMES[k] for k in c] for c in cut_c])
-        scene = (_backgrounds([(b, [seed, 4, bi, i]) for bi, b in enumerate(BACKGROUNDS) for i in range(bg_pool)], S),
-                 [[b] for b in BACKGROUNDS for _ in range(bg_pool)])
+        scenes = _backgrounds([(b, [seed, 4, bi, i]) for bi, b in enumerate(BACKGROUNDS) for i in range(bg_pool)], S)
+        holed = torch.rand(len(scenes), generator=g) < scene_hole_frac
+        scenes[holed] = _holed(scenes[holed], cut_m, cut_fill, g)
+        scene = (scenes, [[b] for b in BACKGROUNDS for _ in range(bg_pool)])
         n_home, n_plain, n_scene = (int(round(batch_size * f)) for f in (bg_caption_frac, plain_frac, scene_frac))
         mix = [(full, batch_size - n_home - n_plain - n_scene), (home, n_home), (plain, n_plain), (scene, n_scene)]
         # Only the caption words' rows of the 49408-row token embedding ever get a gradient: train those rows
@@ -654,18 +685,37 @@ def print_clip(meta):
         if f"object_alone_acc_{fill}" in meta.get("eval", {}):
             print(f"  zero-shot acc on the objects alone (GT mask at CLIP resolution, {fill} fill elsewhere; "
                   f"'{TEMPLATES[-1]}'): {meta['eval'][f'object_alone_acc_{fill}']:.3f}")
+    if "scenery_behind_acc" in meta.get("eval", {}):
+        print(f"  the background alone (object cut out by its GT mask, mean fill): its scenery's word is the nearest "
+              f"of all {len(NAMES) + len(BACKGROUNDS)} words for {meta['eval']['scenery_behind_acc']:.3f}, the "
+              f"object's class for {meta['eval']['scenery_behind_class_top1']:.3f}")
+
+
+# The flags that shape the dataset, their defaults, and their names in toy_meta.json's "args".
+WORLD_FLAGS = dict(n_train=2000, n_val=300, n_train_subset=300, size=96, seed=0, cooccur=0.8, multi=0.25)
+
+
+def world_args(args):
+    """Fill each dataset flag not given (None) from the world already in --out, else from WORLD_FLAGS: rerunning
+    `make_toy.py --out DIR` (as run.sh does every time) keeps DIR's world, e.g. one made with --seed 1, and
+    only retrains what an older make_toy made differently; a flag given explicitly remakes the world."""
+    old = (_read_json(os.path.join(args.out, "toy_meta.json")) or {}).get("args", {})
+    for name, default in WORLD_FLAGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, old.get(name, default))
+    return args
 
 
 def main(args):
     t0 = time.time()
+    args = world_args(args)
     meta = generate_dataset(args.out, args.n_train, args.n_val, args.n_train_subset, args.size, args.seed,
                             args.cooccur, args.multi, force=args.force)
     print(f"dataset ready in {time.time() - t0:.0f}s at {args.out}")
     print_dataset(meta)
     cmeta = pretrain_clip(args.out, os.path.join(args.out, "tiny_clip.pt"), args.clip_steps, args.clip_batch,
-                          args.clip_lr, args.bg_caption_frac, args.plain_frac, args.scene_frac, seed=args.seed,
-                          force=args.force,
-                          threads=args.threads or None)
+                          args.clip_lr, args.bg_caption_frac, args.plain_frac, args.scene_frac, args.scene_hole_frac,
+                          seed=args.seed, force=args.force, threads=args.threads or None)
     print_clip(cmeta)
     e = cmeta["eval"]["template0"]
     ok = (e["zero_shot_acc"] >= 0.9 and cmeta["eval"]["object_alone_acc_mean"] >= 0.9 and e["bias_mean"] >= 0.15
@@ -680,14 +730,17 @@ def get_parser():
     p.add_argument("--out", type=str, default=os.path.join(common.REPO, "data", "toy"),
                    help="output folder (VOC layout); the default is the repository's data/toy, where "
                         "--dataset toy looks")
-    p.add_argument("--size", type=int, default=96, help="image side in pixels")
-    p.add_argument("--n_train", type=int, default=2000, help="train_aug images")
-    p.add_argument("--n_val", type=int, default=300, help="val images")
-    p.add_argument("--n_train_subset", type=int, default=300,
-                   help="train.txt = the first N of train_aug (like VOC train, where seeds are scored)")
-    p.add_argument("--cooccur", type=float, default=0.8, help="probability an object sits on its home background")
-    p.add_argument("--multi", type=float, default=0.25, help="share of images holding two classes")
-    p.add_argument("--seed", type=int, default=0, help="seed of the dataset and of CLIP pretraining")
+    # The dataset's flags default to None: the values of the world already in --out, else WORLD_FLAGS's.
+    w = "; default: the world in --out has it, else "
+    p.add_argument("--size", type=int, default=None, help=f"image side in pixels{w}96")
+    p.add_argument("--n_train", type=int, default=None, help=f"train_aug images{w}2000")
+    p.add_argument("--n_val", type=int, default=None, help=f"val images{w}300")
+    p.add_argument("--n_train_subset", type=int, default=None,
+                   help=f"train.txt = the first N of train_aug (like VOC train, where seeds are scored){w}300")
+    p.add_argument("--cooccur", type=float, default=None,
+                   help=f"probability an object sits on its home background{w}0.8")
+    p.add_argument("--multi", type=float, default=None, help=f"share of images holding two classes{w}0.25")
+    p.add_argument("--seed", type=int, default=None, help=f"seed of the dataset and of CLIP pretraining{w}0")
     p.add_argument("--clip_steps", type=int, default=900, help="CLIP pretraining steps (900: ~94%% zero-shot)")
     p.add_argument("--clip_batch", type=int, default=128, help="CLIP pretraining batch size")
     p.add_argument("--clip_lr", type=float, default=1e-3, help="CLIP peak learning rate (AdamW, cosine)")
@@ -698,6 +751,8 @@ def get_parser():
                    help="share of CLIP samples that are objects on a plain backdrop, captioned with their classes")
     p.add_argument("--scene_frac", type=float, default=0.25,
                    help="share of CLIP samples that are scenery alone, captioned with the scenery's name")
+    p.add_argument("--scene_hole_frac", type=float, default=0.5,
+                   help="share of those scenery samples shown with a flat hole where an object was cut out")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (0: torch's default); on a busy 2-core box 2 threads ran 6x slower than 1")
     p.add_argument("--force", action="store_true", help="regenerate the dataset and retrain CLIP even if valid")

@@ -101,8 +101,9 @@ seeds() {  # seeds NAME CHECKPOINT: CAMs of the train list, threshold sweep (see
 
 # shellcheck disable=SC2086
 {
-if [ -n "${MAKE_TOY:-}" ]; then
-  step toy "" "$PY" make_toy.py --out "$DATA" ${TOY_ARGS:-}
+if [ -n "${MAKE_TOY:-}" ]; then  # every time: make_toy reuses a world made with its current settings (seconds)
+  echo "== toy: $PY make_toy.py --out $DATA ${TOY_ARGS:-}"  # and remakes one made by an older make_toy
+  "$PY" make_toy.py --out "$DATA" ${TOY_ARGS:-}
 fi
 # What every later step reads besides its command: the dataset's files and the CLIP and --init files (names,
 # sizes, times). It is part of each step's key, so an edited mask or another CLIP file redoes the steps.

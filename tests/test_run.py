@@ -55,7 +55,7 @@ def test_run_sh_prints_the_table(tmp_path):
     os.utime(mask, (1, 1))
     edited = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert edited.returncode == 0, edited.stdout[-3000:] + edited.stderr[-3000:]
-    assert "== toy: done, skipped" in edited.stdout and "== cam: its command, its inputs" in edited.stdout
+    assert "== toy: " in edited.stdout and "== cam: its command, its inputs" in edited.stdout
     # category clusters reach the CAM step (and redo it); --no-seg stops before the segmenter
     clusters = str(tmp_path / "toy" / "clusters.json")
     cl = subprocess.run(cmd + ["--clusters", clusters, "--no-seg"], cwd=REPO, env=env, capture_output=True,
@@ -105,8 +105,9 @@ def test_ablate_prints_the_three_tables_and_reuses_finished_runs(toy_world, tmp_
     report = json.loads((out / "ablations.json").read_text())
     tables = report["tables"]
     assert len(tables) == 3 and len(tables["Table 4: losses"]) == 6 and len(tables["Table 6: training"]) == 2
-    assert [r for r in tables["Table 5: lambda"]] == ["lambda 0 (L_match only)", "lambda 0.01", "lambda 0.02",
-                                                     "lambda 0.05", "lambda 0.1"]
+    # the paper's grid 0.01-0.1 as multiples of its 0.05, around the toy preset's lambda 2.0
+    assert [r for r in tables["Table 5: lambda"]] == ["lambda 0 (L_match only)", "lambda 0.4", "lambda 0.8",
+                                                     "lambda 2.0", "lambda 4.0"]
     for rows in tables.values():
         for cell in rows.values():
             assert 0 <= cell["mean"] <= 100 and cell["std"] == 0 and len(cell["per_seed"]) == 1
@@ -126,3 +127,21 @@ def test_run_sh_with_three_processes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "torch.distributed.run --standalone --nproc_per_node 3 train_seg.py" in proc.stdout
     assert re.search(r"^segmenter on pseudo masks, val\s+\d{1,3}\.\d\d$", proc.stdout, re.M), proc.stdout
+
+
+def test_compare_clusters_arms_make_the_table_from_each_run(tmp_path, monkeypatch, capsys):
+    """--arms without: one column pair, the cells are the mean and std of each run's results.json numbers."""
+    import compare_clusters
+    import common
+    fake = {s: {row: {"seed_miou": 50.0 + s + i, "pseudo_miou": 60.0 + 2 * s + i}
+                for i, row in enumerate(("cam", "a", "c"))} for s in (0, 1)}
+    calls = []
+    monkeypatch.setattr(compare_clusters, "pipeline", lambda args, arm, seed, log: calls.append(arm) or fake[seed])
+    args = common.parse_args(compare_clusters.build_parser(), compare_clusters.PRESETS,
+                             ["--dataset", "toy", "--seeds", "0", "1", "--arms", "without", "--out", str(tmp_path)])
+    compare_clusters.main(args)
+    out = capsys.readouterr().out
+    assert calls == ["without", "without"] and "SemPLeS over pipeline seeds on toy" in out and "with)" not in out
+    assert re.search(r"^stage \(a\) only: L_match\s+51\.50 \+- 0\.50\s+62\.00 \+- 1\.00$", out, re.M), out
+    cells = json.loads((tmp_path / "clusters.json").read_text())["cells"]
+    assert list(cells) == ["without"] and cells["without"]["c"]["seed_miou"]["per_seed"] == [52.0, 53.0]

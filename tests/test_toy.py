@@ -116,6 +116,19 @@ def test_tiny_clip_loads_and_encodes(toy_world):
     assert 0 <= meta["eval"]["template0"]["zero_shot_acc"] <= 1
 
 
+def test_holed_scenes_are_the_scene_with_a_flat_hole():
+    """CLIP's scenery samples with a cut-out hole: the fill inside the outline, the scene beyond its widening."""
+    g = torch.Generator().manual_seed(0)
+    scenes = torch.randint(0, 256, (6, 3, 20, 20), generator=g).to(torch.uint8)
+    masks = torch.zeros(2, 1, 20, 20)
+    masks[:, :, 8:12, 8:12] = 1
+    fills = torch.tensor([[10.0, 20.0, 30.0], [10.0, 20.0, 30.0]])
+    out = make_toy._holed(scenes, masks, fills, g)
+    assert out.dtype == torch.uint8 and out.shape == scenes.shape
+    assert (out[:, :, 8:12, 8:12] == torch.tensor([10, 20, 30], dtype=torch.uint8).view(1, 3, 1, 1)).all()
+    assert torch.equal(out[:, :, :4], scenes[:, :, :4]) and torch.equal(out[:, :, 16:], scenes[:, :, 16:])
+
+
 def test_short_pretraining_lowers_the_loss(toy_world):
     h = toy_world["clip_meta"]["loss_history"]
     assert len(h) == 30 and all(np.isfinite(h))
@@ -135,6 +148,13 @@ def test_main_end_to_end(tmp_path, capsys):
         ["--out", out, "--n_train", "16", "--n_val", "8", "--n_train_subset", "8", "--size", "48",
          "--clip_steps", "2", "--clip_batch", "16"]))
     text = capsys.readouterr().out
-    assert "co-occurrence" in text and "zero-shot acc" in text
+    assert "co-occurrence" in text and "zero-shot acc" in text and "the background alone" in text
     assert os.path.exists(os.path.join(out, "tiny_clip.pt"))
-    assert json.load(open(os.path.join(out, "toy_meta.json")))["complete"]
+    meta = json.load(open(os.path.join(out, "toy_meta.json")))
+    assert meta["complete"] and meta["args"]["n_train"] == 16 and meta["args"]["size"] == 48
+    # a rerun without the dataset flags (as run.sh does) keeps this world: nothing is regenerated
+    jpg = os.path.join(out, "JPEGImages", "toy_000000.jpg")
+    before = os.stat(jpg).st_mtime_ns, os.stat(os.path.join(out, "tiny_clip.pt")).st_mtime_ns
+    make_toy.main(make_toy.get_parser().parse_args(["--out", out, "--clip_steps", "2", "--clip_batch", "16"]))
+    assert json.load(open(os.path.join(out, "toy_meta.json")))["args"] == meta["args"]
+    assert (os.stat(jpg).st_mtime_ns, os.stat(os.path.join(out, "tiny_clip.pt")).st_mtime_ns) == before
