@@ -8,7 +8,7 @@ over scales and flips; kept for X's labelled classes only; min-max normalised pe
 [--bg_threshold plane, present classes] (a tie goes to the background), then dense CRF (unary from
 those labels with gt_prob 0.7; Gaussian sxy 4 compat 3; bilateral sxy 83 srgb 5 compat 3; 10 iters).
 The threshold defaults are fixed (VOC and COCO 0.15, the CAM threshold of IRN and CLIMS for this ResNet-50
-CAM family; toy 0.60 from a one-time developers' sweep on toy train): the pipeline never looks at ground
+CAM family; toy 0.45 from a one-time developers' sweep on toy train): the pipeline never looks at ground
 truth. `eval_miou.py --cams OUT/cams` sweeps the threshold on train-set GT, which is how seeds are
 *reported*, not how the threshold is chosen here.
 
@@ -59,9 +59,11 @@ PRESETS = common.presets(
     voc=dict(checkpoint="out/voc/refine/checkpoint.pt", out="out/voc/pseudo"),
     coco=dict(checkpoint="out/coco/refine/checkpoint.pt", out="out/coco/pseudo", scales="1.0,0.8,1.2",
               store_scale=0.5),
-    # Toy: VOC's recipe (scales, CRF). The threshold was fixed once by the developers from a seed sweep
-    # on toy train (best 0.55-0.70); no run picks it from ground truth.
-    toy=dict(checkpoint="out/toy/refine/checkpoint.pt", out="out/toy/pseudo", bg_threshold=0.60, batch_size=64),
+    # Toy: VOC's recipe (scales, CRF). The threshold was fixed once by the developers from a sweep of the
+    # pseudo masks (CRF included) on toy train, pipeline seed 0: best 0.45 for the CAM network, stage (a)
+    # and SemPLeS alike (0.40-0.55 measured; 0.60, the best of the seeds without CRF, lost 6-8 points).
+    # No run picks it from ground truth.
+    toy=dict(checkpoint="out/toy/refine/checkpoint.pt", out="out/toy/pseudo", bg_threshold=0.45, batch_size=64),
 )
 
 
