@@ -30,6 +30,8 @@ LAMBDA_GRID = (0.2, 0.4, 1.0, 2.0)
 
 def lambdas(lambda_preset):
     return [round(lambda_preset * f, 6) for f in LAMBDA_GRID]
+
+
 # run name -> (prompt variant or None, stage (c) flags); "a" is stage (a) itself (L_match only, lambda 0)
 PROMPTS = {"all": [], "unlearned": ["--epochs", "0"], "T_only": ["--no-image_term"], "I_only": ["--lambda_T", "0"]}
 

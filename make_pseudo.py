@@ -61,7 +61,7 @@ PRESETS = common.presets(
               store_scale=0.5),
     # Toy: VOC's recipe (scales, CRF). The threshold was fixed once by the developers from a sweep of the
     # pseudo masks (CRF included) on toy train, pipeline seed 0: best 0.45 for the CAM network, stage (a)
-    # and SemPLeS alike (0.40-0.55 measured; 0.60, the best of the seeds without CRF, lost 6-8 points).
+    # and SemPLeS alike (0.40-0.55 measured; 0.60, the best of the seeds without CRF, was 6-8 points lower).
     # No run picks it from ground truth.
     toy=dict(checkpoint="out/toy/refine/checkpoint.pt", out="out/toy/pseudo", bg_threshold=0.45, batch_size=64),
 )
