@@ -481,8 +481,8 @@ def evaluate_clip(model, root, seed=0, n_bg=24):
             out["object_over_home_mean"] = float((obj - home).mean())
     # The background alone, as stage (b) learns the prompts from it: the object cut out (GT mask, mean fill).
     # Among all 18 words (classes and sceneries, the stages' template), the image's own scenery should win.
-    regions = [(_read_json(os.path.join(root, "toy_meta.json")) or {})["images"][i]["regions"]
-               for i, s in zip(ids, single.tolist()) if s]
+    images = _read_json(os.path.join(root, "toy_meta.json"))["images"]
+    regions = [images[i]["regions"] for i, s in zip(ids, single.tolist()) if s]
     f = fill_colour("mean").view(1, 3, 1, 1)
     vb = F.normalize(model.encode_image(clip_normalise((1 - m) * img + m * f)), dim=-1)
     words = NAMES + BACKGROUNDS
@@ -731,16 +731,15 @@ def get_parser():
                    help="output folder (VOC layout); the default is the repository's data/toy, where "
                         "--dataset toy looks")
     # The dataset's flags default to None: the values of the world already in --out, else WORLD_FLAGS's.
-    w = "; default: the world in --out has it, else "
-    p.add_argument("--size", type=int, default=None, help=f"image side in pixels{w}96")
-    p.add_argument("--n_train", type=int, default=None, help=f"train_aug images{w}2000")
-    p.add_argument("--n_val", type=int, default=None, help=f"val images{w}300")
-    p.add_argument("--n_train_subset", type=int, default=None,
-                   help=f"train.txt = the first N of train_aug (like VOC train, where seeds are scored){w}300")
-    p.add_argument("--cooccur", type=float, default=None,
-                   help=f"probability an object sits on its home background{w}0.8")
-    p.add_argument("--multi", type=float, default=None, help=f"share of images holding two classes{w}0.25")
-    p.add_argument("--seed", type=int, default=None, help=f"seed of the dataset and of CLIP pretraining{w}0")
+    for name, kind, what in [("size", int, "image side in pixels"), ("n_train", int, "train_aug images"),
+                             ("n_val", int, "val images"),
+                             ("n_train_subset", int, "train.txt = the first N of train_aug (like VOC train, where "
+                                                     "seeds are scored)"),
+                             ("cooccur", float, "probability an object sits on its home background"),
+                             ("multi", float, "share of images holding two classes"),
+                             ("seed", int, "seed of the dataset and of CLIP pretraining")]:
+        p.add_argument(f"--{name}", type=kind, default=None,
+                       help=f"{what}; default: the world in --out has it, else {WORLD_FLAGS[name]}")
     p.add_argument("--clip_steps", type=int, default=900, help="CLIP pretraining steps (900: ~94%% zero-shot)")
     p.add_argument("--clip_batch", type=int, default=128, help="CLIP pretraining batch size")
     p.add_argument("--clip_lr", type=float, default=1e-3, help="CLIP peak learning rate (AdamW, cosine)")
