@@ -10,10 +10,11 @@
 #   bash run.sh --clusters data/toy/clusters.json --out out/toy_clusters   # CAM network with category clusters
 #   bash run.sh --no-seg               # stop after the seeds and pseudo masks of the train list (no segmenter)
 #
-# Stops at the first failure. A finished step leaves OUT/.done/STEP holding the command that made it and a
-# key of its inputs (the dataset's files, the CLIP and --init files); it is skipped on the next run only if
-# both are the same (else it is redone from scratch, and so is every step after it). An interrupted training step resumes from its own checkpoint. Extra flags for
-# one stage: CAM_ARGS, MATCH_ARGS, PROMPT_ARGS, REFINE_ARGS, PSEUDO_ARGS, SEG_ARGS, TOY_ARGS.
+# Stops at the first failure. A finished step leaves OUT/.done/STEP holding the command that made it, a key
+# of its inputs (the dataset's files, the CLIP and --init files) and one of its code (the scripts it runs and
+# the shared modules); it is skipped on the next run only if all three are the same (else it is redone from
+# scratch, and so is every step after it). An interrupted training step resumes from its own checkpoint.
+# Extra flags for one stage: CAM_ARGS, MATCH_ARGS, PROMPT_ARGS, REFINE_ARGS, PSEUDO_ARGS, SEG_ARGS, TOY_ARGS.
 # Writes OUT/results.json (every number of the printed table) and prints the table; then OUT/report.html (report.py:
 # results, loss curves, CAMs per stage, the learned prompts' region maps and nearest words) and prints its path.
 set -euo pipefail
@@ -40,7 +41,7 @@ while [ $# -gt 0 ]; do
     --seed) SEED=$2; shift 2 ;;
     --clusters) CLUSTERS=$2; shift 2 ;;
     --no-seg) SEG=0; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument '$1' (see bash run.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -73,9 +74,21 @@ TRAIN=("$PY")
 mkdir -p "$OUT/.done"
 REDO=0
 
-step() {  # step NAME DIR command...: run unless done with the same command; a redone step redoes the rest
+code_key() {  # code_key command...: a hash of the code a step runs: the scripts its command names (a `seeds`
+  # step: make_pseudo.py and eval_miou.py) and the modules they share. Part of the step's key, so that an edited
+  # loss or preset value redoes its step (and every step after it) instead of reusing a stale output.
+  local files=(common.py semples.py trainer.py cams.py metrics.py clip/*.py) word
+  for word in "$@"; do
+    case "$word" in
+      *.py) [ -f "$word" ] && files+=("$word") ;;
+      seeds) files+=(make_pseudo.py eval_miou.py) ;;
+    esac
+  done
+  cat "${files[@]}" | sha256sum | cut -c1-16
+}
+step() {  # step NAME DIR command...: run unless done with the same command, inputs and code; a redone step redoes the rest
   local name=$1 dir=$2; shift 2
-  local want="$*${INPUTS:+ [inputs $INPUTS]}"
+  local want="$*${INPUTS:+ [inputs $INPUTS]} [code $(code_key "$@")]"
   if [ "$REDO" = 0 ] && [ -f "$OUT/.done/$name" ] && [ "$(head -n 1 "$OUT/.done/$name")" = "$want" ]; then
     echo "== $name: done, skipped"; return
   fi

@@ -9,7 +9,7 @@ S alone produces the final CAMs (make_pseudo.py).
 `--joint` is the paper's Table 6 alternative: no stage (b); the prompts start unlearned and train with
 L_prompt (Eq. 2) in the same steps as S.
 
-Toy world (CPU, about 1 minute):
+Toy world (CPU, about 3 minutes):
     python train_refine.py --dataset toy --device cpu
 Paper, VOC:
     python train_refine.py --dataset voc --init out/voc/cam/checkpoint.pt --prompts out/voc/prompt/prompts.pt
@@ -30,7 +30,7 @@ PRESETS = common.presets(
               lambda_b=0.75, lr=5e-6, lambda_refine=0.2, lambda_T=0.01),
     # Toy: stage (a)'s toy values (so that lambda 0 is stage a), and lambda from a sweep (docs/method.md).
     toy=dict(out="out/toy/refine", init="out/toy/cam/checkpoint.pt", prompts="out/toy/prompt/prompts.pt",
-             batch_size=32, epochs=6, lr=0.05, lambda_area=0.75, workers=1, prompt_length=8, lambda_refine=2.0,
+             batch_size=32, epochs=20, lr=0.05, lambda_area=0.75, workers=1, prompt_length=8, lambda_refine=2.0,
              lambda_T=1.0),
 )
 
