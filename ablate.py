@@ -121,9 +121,10 @@ def one_seed(args, seed, log):
 
 def tables(lam):
     """(title, [(row label, run name)]) of the paper's Tables 4, 5 and 6."""
+    grid = lambdas(lam)
     lam_rows = [("lambda 0 (L_match only)", "a")] + [
-        (f"lambda {v}", "c_all" if v == lam else f"c_lambda{v}") for v in lambdas(lam)]
-    if lam not in lambdas(lam):
+        (f"lambda {v}", "c_all" if v == lam else f"c_lambda{v}") for v in grid]
+    if lam not in grid:
         lam_rows.append((f"lambda {lam} (preset)", "c_all"))
     return [
         ("Table 4: losses", [("CAM network (start of a and c)", "cam"), ("L_match only", "a"),

@@ -62,8 +62,9 @@ def main(args):
     args.clip = args.clip or common.DATASETS[args.dataset]["clip"]
     args.clusters = args.clusters or (os.path.join(args.data, "clusters.json") if args.dataset == "toy"
                                       else os.path.join(common.REPO, "clusters", f"{args.dataset}.json"))
+    clustered = "with" in args.arms
     # the toy's cluster file is written by run.sh's make_toy step
-    if "with" in args.arms and (args.dataset != "toy" or os.path.exists(args.clusters)):
+    if clustered and (args.dataset != "toy" or os.path.exists(args.clusters)):
         common.read_clusters(args.clusters, common.read_class_names(args.data, args.dataset))
     log = common.Logger(args.out)
     common.save_args(args, args.out)
@@ -77,9 +78,9 @@ def main(args):
                         "preset threshold"}
     with common.atomic_path(os.path.join(args.out, "clusters.json")) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=1)
-    title = ("Category clusters" if "with" in args.arms else "SemPLeS over pipeline seeds") + f" on {args.dataset}"
+    title = ("Category clusters" if clustered else "SemPLeS over pipeline seeds") + f" on {args.dataset}"
     log(f"\n{title} (mIoU %, train list, mean +- std over seeds {args.seeds}"
-        + (f"; 'with': train_cam.py --clusters {args.clusters})" if "with" in args.arms else ")"))
+        + (f"; 'with': train_cam.py --clusters {args.clusters})" if clustered else ")"))
     log(f"{'':26s}" + "".join(f"{m + ', ' + arm:>17s}" for m in ("seed", "pseudo") for arm in args.arms))
     for row, name in ROWS.items():
         c = [cells[arm][row][m] for m in ("seed_miou", "pseudo_miou") for arm in args.arms]

@@ -22,12 +22,9 @@ from semples import L_area, L_match, class_text_features, encode_images, load_fr
 
 PRESETS = common.presets(
     voc=dict(out="out/voc/match", init="out/voc/cam/checkpoint.pt"),
-    coco=dict(out="out/coco/match", init="out/coco/cam/checkpoint.pt", lambda_b=0.75, lr=5e-6),
-    # Toy: lr, lambda_area and epochs from sweeps on the toy world (docs/method.md, "The toy presets"): at the
-    # paper's scaled lr the 1x1 head barely moves; at 0.03-0.1 without the area term it finds wrong masks;
-    # 20 epochs instead of 6 take stage (a) from +1.6 to +2.3 seed mIoU over the CAM network (3 seeds).
-    toy=dict(out="out/toy/match", init="out/toy/cam/checkpoint.pt", batch_size=32, epochs=20, lr=0.05,
-             lambda_area=0.75, workers=1),
+    # COCO and toy: the values stages (a) and (c) share, trainer.MATCHING_PRESETS (with why).
+    coco=dict(out="out/coco/match", init="out/coco/cam/checkpoint.pt", **trainer.MATCHING_PRESETS["coco"]),
+    toy=dict(out="out/toy/match", init="out/toy/cam/checkpoint.pt", **trainer.MATCHING_PRESETS["toy"]),
 )
 
 

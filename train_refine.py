@@ -26,12 +26,12 @@ from semples import (L_area, L_match, L_prompt, L_refine, Prompts, class_text_fe
 
 PRESETS = common.presets(
     voc=dict(out="out/voc/refine", init="out/voc/cam/checkpoint.pt", prompts="out/voc/prompt/prompts.pt"),
+    # COCO and toy: stage (a)'s values (trainer.MATCHING_PRESETS, so that lambda 0 is stage a), and lambda
+    # (toy: from a sweep, docs/method.md).
     coco=dict(out="out/coco/refine", init="out/coco/cam/checkpoint.pt", prompts="out/coco/prompt/prompts.pt",
-              lambda_b=0.75, lr=5e-6, lambda_refine=0.2, lambda_T=0.01),
-    # Toy: stage (a)'s toy values (so that lambda 0 is stage a), and lambda from a sweep (docs/method.md).
+              lambda_refine=0.2, lambda_T=0.01, **trainer.MATCHING_PRESETS["coco"]),
     toy=dict(out="out/toy/refine", init="out/toy/cam/checkpoint.pt", prompts="out/toy/prompt/prompts.pt",
-             batch_size=32, epochs=20, lr=0.05, lambda_area=0.75, workers=1, prompt_length=8, lambda_refine=2.0,
-             lambda_T=1.0),
+             prompt_length=8, lambda_refine=2.0, lambda_T=1.0, **trainer.MATCHING_PRESETS["toy"]),
 )
 
 
