@@ -400,9 +400,13 @@ class ClsDataset(torch.utils.data.Dataset):
         img = Image.fromarray(read_image(image_path(self.root, self.ids[n])))
         img = img.resize((self.size, self.size), Image.BILINEAR)
         x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
-        if self.augment and np.random.default_rng([self.seed, self.epoch, n]).random() < 0.5:
+        if self.flipped(n):
             x = x.flip(-1)
         return x, torch.from_numpy(self.labels[n]), n
+
+    def flipped(self, n):
+        """Whether sample n comes out flipped in the current epoch."""
+        return self.augment and np.random.default_rng([self.seed, self.epoch, n]).random() < 0.5
 
 
 class ImageList(torch.utils.data.Dataset):

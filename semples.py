@@ -120,15 +120,17 @@ class MaskGenerator(nn.Module):
             self.backbone.eval()  # fixed features: BatchNorm keeps the CAM network's statistics
         return self
 
-    def forward(self, x, cluster_maps=False):
-        """CAMs [B, K, h, w]; with `cluster_maps` (train_cam.py --clusters) also the clusters' shared maps
-        [B, C, h, w], which cluster-level supervision trains."""
+    def features(self, x):
+        """The backbone's features of images in [0, 1]; without gradients when the backbone is frozen."""
         x = (x - self.mean) / self.std
-        if self.frozen_backbone:
-            with torch.no_grad():
-                features = self.backbone(x)
-        else:
-            features = self.backbone(x)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_backbone):
+            return self.backbone(x)
+
+    def forward(self, x, cluster_maps=False, from_features=False):
+        """CAMs [B, K, h, w]; with `cluster_maps` (train_cam.py --clusters) also the clusters' shared maps
+        [B, C, h, w], which cluster-level supervision trains. `from_features`: x is already self.features()
+        of the images (the trainer's feature cache, with a frozen backbone)."""
+        features = x if from_features else self.features(x)
         cams = self.classifier(features)
         if self.clusters is None:
             if cluster_maps:

@@ -31,7 +31,7 @@ PRESETS = common.presets(
     coco=dict(out="out/coco/refine", init="out/coco/cam/checkpoint.pt", prompts="out/coco/prompt/prompts.pt",
               lambda_refine=0.2, lambda_T=0.01, **trainer.MATCHING_PRESETS["coco"]),
     toy=dict(out="out/toy/refine", init="out/toy/cam/checkpoint.pt", prompts="out/toy/prompt/prompts.pt",
-             prompt_length=8, lambda_refine=2.0, lambda_T=1.0, **trainer.MATCHING_PRESETS["toy"]),
+             prompt_length=8, lambda_refine=8.0, lambda_T=1.0, **trainer.MATCHING_PRESETS["toy"]),
 )
 
 

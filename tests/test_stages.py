@@ -187,6 +187,18 @@ def test_resume_equals_uninterrupted(stages, toy_world, tmp_path, monkeypatch):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def test_feature_cache_changes_nothing(stages, toy_world, tmp_path):
+    """--cache_features (the toy preset) only skips recomputing the frozen backbone: the same weights as without."""
+    cam = stages["out"] / "cam" / "checkpoint.pt"
+    for name, cache in (("on", True), ("off", False)):
+        train_match.main(small_args(train_match, toy_world, tmp_path / name, init=cam, epochs=3,
+                                    **{"cache_features" if cache else "no-cache_features": True}))
+    a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True) for n in ("on", "off"))
+    assert a["args"]["cache_features"] and not b["args"]["cache_features"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_bad_input_errors(stages, toy_world, tmp_path):
     out = stages["out"]
     data = stages["data"]
