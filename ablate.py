@@ -4,7 +4,8 @@ sweep) over pipeline seeds:
     Table 5  lambda = 0, 0.01, 0.02, 0.05, 0.1 (VOC; other presets: the same multiples of their lambda)
     Table 6  sequential (a) -> (b) -> (c)  vs  joint training of S and the prompts
 
-Toy world (2-core CPU, about 70 minutes for 3 seeds on one core; data/toy must exist: `python make_toy.py`):
+Toy world (2-core CPU; 70 minutes for 3 seeds on one core with the older 6-epoch presets, not re-timed since;
+data/toy must exist: `python make_toy.py`):
     python ablate.py --dataset toy --seeds 0 1 2 --out out/toy_ablate
 
 It runs the stage scripts as a user would (train_cam, train_match, train_prompt, train_refine, make_pseudo

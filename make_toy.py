@@ -709,10 +709,20 @@ def world_args(args):
 def main(args):
     t0 = time.time()
     args = world_args(args)
-    meta = generate_dataset(args.out, args.n_train, args.n_val, args.n_train_subset, args.size, args.seed,
-                            args.cooccur, args.multi, force=args.force)
-    print(f"dataset ready in {time.time() - t0:.0f}s at {args.out}")
-    print_dataset(meta)
+    if args.part == "clip":  # the dataset must be there, made by an earlier --part dataset (run.sh's order)
+        meta = _read_json(os.path.join(args.out, "toy_meta.json")) or {}
+        given = {k: getattr(args, k) for k in WORLD_FLAGS}
+        given["n_train_subset"] = min(given["n_train_subset"], given["n_train"])  # as generate_dataset stores it
+        if not meta.get("complete") or any(meta["args"].get(k) != v for k, v in given.items()):
+            raise ValueError(f"--part clip: {args.out} holds no complete world made with these flags; run "
+                             f"`make_toy.py --out {args.out} --part dataset` first")
+    else:
+        meta = generate_dataset(args.out, args.n_train, args.n_val, args.n_train_subset, args.size, args.seed,
+                                args.cooccur, args.multi, force=args.force)
+        print(f"dataset ready in {time.time() - t0:.0f}s at {args.out}")
+        print_dataset(meta)
+    if args.part == "dataset":
+        return meta, None
     cmeta = pretrain_clip(args.out, os.path.join(args.out, "tiny_clip.pt"), args.clip_steps, args.clip_batch,
                           args.clip_lr, args.bg_caption_frac, args.plain_frac, args.scene_frac, args.scene_hole_frac,
                           seed=args.seed, force=args.force, threads=args.threads or None)
@@ -755,6 +765,9 @@ def get_parser():
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (0: torch's default); on a busy 2-core box 2 threads ran 6x slower than 1")
     p.add_argument("--force", action="store_true", help="regenerate the dataset and retrain CLIP even if valid")
+    p.add_argument("--part", type=str, default="all", choices=("all", "dataset", "clip"),
+                   help="make everything, the dataset only, or the CLIP only (of a dataset already made): run.sh "
+                        "trains the CAM network, which needs no CLIP, while the CLIP trains on its one thread")
     return p
 
 

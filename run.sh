@@ -114,15 +114,23 @@ seeds() {  # seeds NAME CHECKPOINT: CAMs of the train list, threshold sweep (see
 
 # shellcheck disable=SC2086
 {
+TOY_JOB=""
 if [ -n "${MAKE_TOY:-}" ]; then  # every time: make_toy reuses a world made with its current settings (seconds)
   echo "== toy: $PY make_toy.py --out $DATA ${TOY_ARGS:-}"  # and remakes one made by an older make_toy
-  "$PY" make_toy.py --out "$DATA" ${TOY_ARGS:-}
+  "$PY" make_toy.py --out "$DATA" --part dataset ${TOY_ARGS:-}
+  # The tiny CLIP trains on one thread (minutes) while the CAM network, which needs no CLIP, uses the other
+  # core: about 100 s less on 2 cores, the same files. Its output is shown once it is done.
+  "$PY" make_toy.py --out "$DATA" --part clip ${TOY_ARGS:-} > "$OUT/make_toy.log" 2>&1 &
+  TOY_JOB=$!
+  trap '[ -z "$TOY_JOB" ] || kill "$TOY_JOB" 2>/dev/null || true' EXIT  # run.sh stopped early: stop it too
 fi
-# What every later step reads besides its command: the dataset's files and the CLIP and --init files (names,
-# sizes, times). It is part of each step's key, so an edited mask or another CLIP file redoes the steps.
-INPUTS=$( (find "$DATA" -type f -printf '%P %s %T@\n' | LC_ALL=C sort
-           for f in "$CLIP" "$INIT" "$SEG_INIT" "$CLUSTERS"; do [ -f "$f" ] && stat -c '%n %s %Y' "$f"; done; true) \
-         | sha256sum | cut -c1-16)
+inputs() {  # what the steps read besides their command: the dataset's files (but a tiny_clip.pt in it, which
+  # may still be training) and the given files (names, sizes, times); part of each step's key, so an edited
+  # mask or another CLIP file redoes the steps
+  (find "$DATA" -type f ! -name 'tiny_clip.pt*' -printf '%P %s %T@\n' | LC_ALL=C sort
+   for f in "$@"; do [ -f "$f" ] && stat -c '%n %s %Y' "$f"; done; true) | sha256sum | cut -c1-16
+}
+INPUTS=$(inputs "$INIT" "$CLUSTERS")  # the CAM network's
 INIT_FLAG=(); [ -n "$INIT" ] && INIT_FLAG=(--init "$INIT")
 SEG_INIT_FLAG=(); [ -n "$SEG_INIT" ] && SEG_INIT_FLAG=(--init "$SEG_INIT")
 CLUSTER_FLAG=(); [ -n "$CLUSTERS" ] && CLUSTER_FLAG=(--clusters "$CLUSTERS")
@@ -131,6 +139,12 @@ CAM=$OUT/cam/checkpoint.pt
 step cam "$OUT/cam" "${TRAIN[@]}" train_cam.py "${COMMON[@]}" --out "$OUT/cam" "${INIT_FLAG[@]}" "${CLUSTER_FLAG[@]}" \
   ${CAM_ARGS:-}
 step seeds_cam "$OUT/seeds_cam" seeds seeds_cam "$CAM"
+if [ -n "$TOY_JOB" ]; then
+  wait "$TOY_JOB" || { cat "$OUT/make_toy.log"; echo "run.sh: make_toy.py --part clip failed (above)" >&2; exit 1; }
+  TOY_JOB=""
+  cat "$OUT/make_toy.log"
+fi
+INPUTS=$(inputs "$CLIP" "$INIT" "$SEG_INIT" "$CLUSTERS")  # the later steps' (the CLIP is made by now)
 step match "$OUT/match" "${TRAIN[@]}" train_match.py "${COMMON[@]}" --clip "$CLIP" --init "$CAM" --out "$OUT/match" ${MATCH_ARGS:-}
 step seeds_a "$OUT/seeds_a" seeds seeds_a "$OUT/match/checkpoint.pt"
 step prompt "$OUT/prompt" "${TRAIN[@]}" train_prompt.py "${COMMON[@]}" --clip "$CLIP" --match "$OUT/match/checkpoint.pt" \

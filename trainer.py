@@ -58,7 +58,8 @@ def add_flags(p, epochs, lr, batch_size, matching=False):
         p.add_argument("--cache_features", action=argparse.BooleanOptionalAction, default=False,
                        help="with --train head (no effect with all): keep the fixed backbone features of each "
                             "(image, flip) in memory after their first use, so that later epochs run only the head "
-                            "(same weights; memory: images x 2 x the feature map, 0.6 GB on the toy world)")
+                            "(the same training up to float rounding; memory: images x 2 x the feature map, 0.6 GB "
+                            "on the toy world)")
     return p
 
 
@@ -93,7 +94,8 @@ class GlobalBatches(torch.utils.data.Sampler):
 @torch.no_grad()
 def cached_features(S, cache, x, index, data):
     """The frozen backbone's features of a batch: each (image, flip) is computed once and then read from
-    `cache` (--cache_features). With --train head they never change, so this only skips repeated work."""
+    `cache` (--cache_features). With --train head they never change, so this only skips repeated work; the
+    backbone runs on other batches than without the cache, which can change float rounding."""
     keys = [(n, data.flipped(n)) for n in index.tolist()]
     new = [i for i, key in enumerate(keys) if key not in cache]
     if new:

@@ -188,7 +188,9 @@ def test_resume_equals_uninterrupted(stages, toy_world, tmp_path, monkeypatch):
 
 
 def test_feature_cache_changes_nothing(stages, toy_world, tmp_path):
-    """--cache_features (the toy preset) only skips recomputing the frozen backbone: the same weights as without."""
+    """--cache_features (the toy preset) only skips recomputing the frozen backbone: the weights are those of
+    training without it, up to float rounding (the backbone runs on other batches; serving the features of
+    the wrong image or flip moves the weights by 1e-2, 100x the tolerance)."""
     cam = stages["out"] / "cam" / "checkpoint.pt"
     for name, cache in (("on", True), ("off", False)):
         train_match.main(small_args(train_match, toy_world, tmp_path / name, init=cam, epochs=3,
@@ -196,7 +198,7 @@ def test_feature_cache_changes_nothing(stages, toy_world, tmp_path):
     a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True) for n in ("on", "off"))
     assert a["args"]["cache_features"] and not b["args"]["cache_features"]
     for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=1e-4), k
 
 
 def test_bad_input_errors(stages, toy_world, tmp_path):

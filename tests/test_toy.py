@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 import clip
@@ -158,3 +159,22 @@ def test_main_end_to_end(tmp_path, capsys):
     make_toy.main(make_toy.get_parser().parse_args(["--out", out, "--clip_steps", "2", "--clip_batch", "16"]))
     assert json.load(open(os.path.join(out, "toy_meta.json")))["args"] == meta["args"]
     assert (os.stat(jpg).st_mtime_ns, os.stat(os.path.join(out, "tiny_clip.pt")).st_mtime_ns) == before
+
+
+def test_parts_dataset_then_clip(tmp_path):
+    """run.sh's order: --part dataset writes no CLIP; --part clip trains it on that world, keeping the dataset,
+    and refuses a folder without a world, or with another one than its flags ask for."""
+    out = str(tmp_path / "toy")
+    parse = make_toy.get_parser().parse_args
+    small = ["--out", out, "--clip_steps", "2", "--clip_batch", "16"]
+    with pytest.raises(ValueError, match="--part dataset` first"):
+        make_toy.main(parse(small + ["--part", "clip"]))
+    make_toy.main(parse(small + ["--n_train", "16", "--n_val", "8", "--n_train_subset", "8", "--size", "48",
+                                 "--part", "dataset"]))
+    assert not os.path.exists(os.path.join(out, "tiny_clip.pt"))
+    jpg = os.path.join(out, "JPEGImages", "toy_000000.jpg")
+    before = os.stat(jpg).st_mtime_ns
+    with pytest.raises(ValueError, match="no complete world made with these flags"):
+        make_toy.main(parse(small + ["--size", "64", "--part", "clip"]))
+    make_toy.main(parse(small + ["--part", "clip"]))
+    assert os.path.exists(os.path.join(out, "tiny_clip.pt")) and os.stat(jpg).st_mtime_ns == before
