@@ -767,7 +767,7 @@ def get_parser():
     p.add_argument("--force", action="store_true", help="regenerate the dataset and retrain CLIP even if valid")
     p.add_argument("--part", type=str, default="all", choices=("all", "dataset", "clip"),
                    help="make everything, the dataset only, or the CLIP only (of a dataset already made): run.sh "
-                        "trains the CAM network, which needs no CLIP, while the CLIP trains on its one thread")
+                        "trains the CAM network, which needs no CLIP, while the CLIP trains")
     return p
 
 
