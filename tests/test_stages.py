@@ -189,8 +189,8 @@ def test_resume_equals_uninterrupted(stages, toy_world, tmp_path, monkeypatch):
 
 def test_feature_cache_changes_nothing(stages, toy_world, tmp_path):
     """--cache_features (the toy preset) only skips recomputing the frozen backbone: the weights are those of
-    training without it, up to float rounding (the backbone runs on other batches; serving the features of
-    the wrong image or flip moves the weights by 1e-2, 100x the tolerance)."""
+    training without it, up to float rounding (the backbone runs on other batches; here they were equal).
+    Training without the flips, which is what serving unflipped features would do, moved them by 1e-2."""
     cam = stages["out"] / "cam" / "checkpoint.pt"
     for name, cache in (("on", True), ("off", False)):
         train_match.main(small_args(train_match, toy_world, tmp_path / name, init=cam, epochs=3,
