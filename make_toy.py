@@ -330,15 +330,25 @@ def _read_json(path):
         return None
 
 
+def dataset_args(n_train, n_val, n_train_subset, size, seed, cooccur, multi):
+    """The generation args a world stores in toy_meta.json ("args"): what makes it, and what reusing it checks."""
+    return dict(version=GEN_VERSION, n_train=n_train, n_val=n_val, n_train_subset=min(n_train_subset, n_train),
+                size=size, seed=seed, cooccur=cooccur, multi=multi)
+
+
+def world_is_complete(meta, args):
+    """Whether toy_meta.json's dict `meta` is a finished world made with generation args `args`."""
+    return bool(meta) and bool(meta.get("complete")) and meta.get("args") == args
+
+
 def generate_dataset(out, n_train=2000, n_val=300, n_train_subset=300, size=96, seed=0, cooccur=0.8, multi=0.25,
                      force=False, quiet=False):
     """Write the toy dataset to `out` (skipped if toy_meta.json says it is complete with these args).
     Returns the toy_meta.json dict."""
-    args = dict(version=GEN_VERSION, n_train=n_train, n_val=n_val, n_train_subset=min(n_train_subset, n_train),
-                size=size, seed=seed, cooccur=cooccur, multi=multi)
+    args = dataset_args(n_train, n_val, n_train_subset, size, seed, cooccur, multi)
     meta_path = os.path.join(out, "toy_meta.json")
     old = _read_json(meta_path)
-    if not force and old and old.get("complete") and old.get("args") == args:
+    if not force and world_is_complete(old, args):
         write_clusters(out)  # a world made before the cluster file existed gets it too
         return old
     if os.path.exists(meta_path):
@@ -710,10 +720,8 @@ def main(args):
     t0 = time.time()
     args = world_args(args)
     if args.part == "clip":  # the dataset must be there, made by an earlier --part dataset (run.sh's order)
-        meta = _read_json(os.path.join(args.out, "toy_meta.json")) or {}
-        given = {k: getattr(args, k) for k in WORLD_FLAGS}
-        given["n_train_subset"] = min(given["n_train_subset"], given["n_train"])  # as generate_dataset stores it
-        if not meta.get("complete") or any(meta["args"].get(k) != v for k, v in given.items()):
+        meta = _read_json(os.path.join(args.out, "toy_meta.json"))
+        if not world_is_complete(meta, dataset_args(**{k: getattr(args, k) for k in WORLD_FLAGS})):
             raise ValueError(f"--part clip: {args.out} holds no complete world made with these flags; run "
                              f"`make_toy.py --out {args.out} --part dataset` first")
     else:
