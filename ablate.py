@@ -4,7 +4,7 @@ sweep) over pipeline seeds:
     Table 5  lambda = 0, 0.01, 0.02, 0.05, 0.1 (VOC; other presets: the same multiples of their lambda)
     Table 6  sequential (a) -> (b) -> (c)  vs  joint training of S and the prompts
 
-Toy world (2-core CPU; 70 minutes for 3 seeds on one core with the older 6-epoch presets, not re-timed since;
+Toy world (2-core CPU; 40-56 minutes a seed at one thread with other jobs on the cores, not timed alone;
 data/toy must exist: `python make_toy.py`):
     python ablate.py --dataset toy --seeds 0 1 2 --out out/toy_ablate
 
