@@ -719,14 +719,14 @@ def world_args(args):
 def main(args):
     t0 = time.time()
     args = world_args(args)
+    world = {k: getattr(args, k) for k in WORLD_FLAGS}
     if args.part == "clip":  # the dataset must be there, made by an earlier --part dataset (run.sh's order)
         meta = _read_json(os.path.join(args.out, "toy_meta.json"))
-        if not world_is_complete(meta, dataset_args(**{k: getattr(args, k) for k in WORLD_FLAGS})):
+        if not world_is_complete(meta, dataset_args(**world)):
             raise ValueError(f"--part clip: {args.out} holds no complete world made with these flags; run "
                              f"`make_toy.py --out {args.out} --part dataset` first")
     else:
-        meta = generate_dataset(args.out, args.n_train, args.n_val, args.n_train_subset, args.size, args.seed,
-                                args.cooccur, args.multi, force=args.force)
+        meta = generate_dataset(args.out, **world, force=args.force)
         print(f"dataset ready in {time.time() - t0:.0f}s at {args.out}")
         print_dataset(meta)
     if args.part == "dataset":
