@@ -3,6 +3,9 @@ sweep) over pipeline seeds:
     Table 4  L_match only | + L_refine with unlearned prompts | + L_prompt^T only | + L_prompt^I only | all
     Table 5  lambda = 0, 0.01, 0.02, 0.05, 0.1 (VOC; other presets: the same multiples of their lambda)
     Table 6  sequential (a) -> (b) -> (c)  vs  joint training of S and the prompts
+Every stage (c) run starts from stage (a)'s S, as the pipeline's does; lambda 0 is then stage (a) trained on
+with L_match alone (the control for what L_refine adds). The joint run has no stage (a): it starts from the
+CAM network.
 
 Toy world (2-core CPU; 40-56 minutes a seed at one thread with other jobs on the cores, not timed alone;
 data/toy must exist: `python make_toy.py`):
@@ -33,7 +36,8 @@ def lambdas(lambda_preset):
     return [round(lambda_preset * f, 6) for f in LAMBDA_GRID]
 
 
-# run name -> (prompt variant or None, stage (c) flags); "a" is stage (a) itself (L_match only, lambda 0)
+# run name -> (prompt variant or None, stage (c) flags). Stage (c) starts from stage (a)'s S, so "a" (stage (a)
+# itself) and "c_lambda0" (stage (a) trained on with L_match alone, the same schedule as stage c) are both kept.
 PROMPTS = {"all": [], "unlearned": ["--epochs", "0"], "T_only": ["--no-image_term"], "I_only": ["--lambda_T", "0"]}
 
 
@@ -41,7 +45,8 @@ def refine_runs(lambda_preset):
     runs = {f"c_{p}": (p, []) for p in PROMPTS}
     runs.update({f"c_lambda{lam}": ("all", ["--lambda_refine", str(lam)]) for lam in lambdas(lambda_preset)
                  if lam != lambda_preset})
-    runs["joint"] = (None, ["--joint"])
+    runs["c_lambda0"] = ("all", ["--lambda_refine", "0"])
+    runs["joint"] = (None, ["--joint"])  # no stage (a) here: S starts from the CAM network
     return runs
 
 
@@ -114,7 +119,8 @@ def one_seed(args, seed, log):
               os.path.join(out, "a", "checkpoint.pt"), *p_args, *flags)
     for name, (p, flags) in refine_runs(args.lambda_refine).items():
         prompts = ["--prompts", os.path.join(out, f"prompt_{p}", "prompts.pt")] if p else []
-        train(log, "train_refine.py", os.path.join(out, name), *base, *clip_flag, "--init", cam,
+        init = os.path.join(out, "a", "checkpoint.pt") if p else cam
+        train(log, "train_refine.py", os.path.join(out, name), *base, *clip_flag, "--init", init,
               "--lambda_refine", str(args.lambda_refine), *prompts, *m_args, *flags)
         miou[name] = seed_miou(log, base, f"seeds_{name}", os.path.join(out, name, "checkpoint.pt"), out)
     return miou
@@ -123,16 +129,16 @@ def one_seed(args, seed, log):
 def tables(lam):
     """(title, [(row label, run name)]) of the paper's Tables 4, 5 and 6."""
     grid = lambdas(lam)
-    lam_rows = [("lambda 0 (L_match only)", "a")] + [
+    lam_rows = [("stage (a) (start of c)", "a"), ("lambda 0 (L_match only)", "c_lambda0")] + [
         (f"lambda {v}", "c_all" if v == lam else f"c_lambda{v}") for v in grid]
     if lam not in grid:
         lam_rows.append((f"lambda {lam} (preset)", "c_all"))
     return [
-        ("Table 4: losses", [("CAM network (start of a and c)", "cam"), ("L_match only", "a"),
+        ("Table 4: losses", [("CAM network (start of a)", "cam"), ("L_match only (stage a)", "a"),
                              ("+ L_refine, unlearned prompts", "c_unlearned"), ("+ L_prompt^T only", "c_T_only"),
                              ("+ L_prompt^I only", "c_I_only"), ("all (SemPLeS)", "c_all")]),
         ("Table 5: lambda", lam_rows),
-        ("Table 6: training", [("sequential a -> b -> c", "c_all"), ("joint", "joint")]),
+        ("Table 6: training", [("sequential a -> b -> c", "c_all"), ("joint (from the CAM network)", "joint")]),
     ]
 
 

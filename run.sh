@@ -149,7 +149,7 @@ step match "$OUT/match" "${TRAIN[@]}" train_match.py "${COMMON[@]}" --clip "$CLI
 step seeds_a "$OUT/seeds_a" seeds seeds_a "$OUT/match/checkpoint.pt"
 step prompt "$OUT/prompt" "${TRAIN[@]}" train_prompt.py "${COMMON[@]}" --clip "$CLIP" --match "$OUT/match/checkpoint.pt" \
   --out "$OUT/prompt" ${PROMPT_ARGS:-}
-step refine "$OUT/refine" "${TRAIN[@]}" train_refine.py "${COMMON[@]}" --clip "$CLIP" --init "$CAM" \
+step refine "$OUT/refine" "${TRAIN[@]}" train_refine.py "${COMMON[@]}" --clip "$CLIP" --init "$OUT/match/checkpoint.pt" \
   --prompts "$OUT/prompt/prompts.pt" --out "$OUT/refine" ${MATCH_ARGS:-} ${REFINE_ARGS:-}
 step seeds_c "$OUT/seeds_c" seeds seeds_c "$OUT/refine/checkpoint.pt"
 if [ "$SEG" = 1 ]; then

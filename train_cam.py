@@ -1,6 +1,6 @@
 """The CAM network: train S as a multi-label classifier on image-level labels. Its class activation maps
-are the seeds every WSSS method starts from; SemPLeS's stages (a) and (c) both start from this network
-(the paper starts from a classification-trained WeakTr, CLIMS from IRN's ResNet-50 CAM network).
+are the seeds every WSSS method starts from; SemPLeS's stage (a) starts from this network, and stage (c) from
+stage (a)'s result (the paper starts from a classification-trained WeakTr, CLIMS from IRN's ResNet-50 CAM network).
 
     L_cls = multi-label soft margin( GAP(CAMs), y )       (the pooled CAMs are the class scores)
 

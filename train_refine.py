@@ -3,18 +3,20 @@ each class's foreground away from that class's learned background prompt u^b_k (
 
     L_total  = L_match + lambda * L_refine,      L_refine = E[ -log(1 - sim(v^f_k, u^b_k)) ]   (Eq. 3)
 
-The prompts are fixed; only S trains. S starts from the same CAM network as stage (a), with the same
-flags and schedule, so `--lambda_refine 0` is stage (a) exactly (paper Table 5 sweeps lambda). The refined
-S alone produces the final CAMs (make_pseudo.py).
+The prompts are fixed; only S trains, with stage (a)'s flags and schedule. S starts from stage (a)'s S, the
+one whose masks the prompts were learned from (`--init`; the authors' release restarts from the CAM network
+instead: docs/method.md says why we do not, with the measurement). So `--lambda_refine 0` is stage (a)
+trained on with L_match alone, the control that shows what L_refine adds (paper Table 5 sweeps lambda).
+The refined S alone produces the final CAMs (make_pseudo.py).
 `--joint` is the paper's Table 6 alternative: no stage (b); the prompts start unlearned and train with
-L_prompt (Eq. 2) in the same steps as S.
+L_prompt (Eq. 2) in the same steps as S, which starts from the CAM network (`--init out/D/cam/checkpoint.pt`).
 
 Toy world (CPU, about 3 minutes):
     python train_refine.py --dataset toy --device cpu
 Paper, VOC:
-    python train_refine.py --dataset voc --init out/voc/cam/checkpoint.pt --prompts out/voc/prompt/prompts.pt
+    python train_refine.py --dataset voc --init out/voc/match/checkpoint.pt --prompts out/voc/prompt/prompts.pt
 
-Reads the CAM network checkpoint, the prompts and the CLIP; writes OUT/checkpoint.pt (resumed from if
+Reads stage (a)'s checkpoint (any S checkpoint), the prompts and the CLIP; writes OUT/checkpoint.pt (resumed from if
 present), OUT/log.txt, OUT/args.json.
 """
 import torch
@@ -25,12 +27,12 @@ from semples import (L_area, L_match, L_prompt, L_refine, Prompts, class_text_fe
                      load_prompt_features, masked_pairs)
 
 PRESETS = common.presets(
-    voc=dict(out="out/voc/refine", init="out/voc/cam/checkpoint.pt", prompts="out/voc/prompt/prompts.pt"),
-    # COCO and toy: stage (a)'s values (trainer.MATCHING_PRESETS, so that lambda 0 is stage a), and lambda
+    voc=dict(out="out/voc/refine", init="out/voc/match/checkpoint.pt", prompts="out/voc/prompt/prompts.pt"),
+    # COCO and toy: stage (a)'s values (trainer.MATCHING_PRESETS, so that lambda 0 is L_match alone), and lambda
     # (toy: from a sweep, docs/method.md).
-    coco=dict(out="out/coco/refine", init="out/coco/cam/checkpoint.pt", prompts="out/coco/prompt/prompts.pt",
+    coco=dict(out="out/coco/refine", init="out/coco/match/checkpoint.pt", prompts="out/coco/prompt/prompts.pt",
               lambda_refine=0.2, lambda_T=0.01, **trainer.MATCHING_PRESETS["coco"]),
-    toy=dict(out="out/toy/refine", init="out/toy/cam/checkpoint.pt", prompts="out/toy/prompt/prompts.pt",
+    toy=dict(out="out/toy/refine", init="out/toy/match/checkpoint.pt", prompts="out/toy/prompt/prompts.pt",
              prompt_length=8, lambda_refine=8.0, lambda_T=1.0, **trainer.MATCHING_PRESETS["toy"]),
 )
 

@@ -19,8 +19,8 @@ from semples import FILLS, load_mask_generator
 
 
 # The per-dataset values stages (a) and (c) share, kept in one place so that `train_refine.py --lambda_refine 0`
-# stays stage (a) exactly. Toy: lr, lambda_area and epochs from sweeps on the toy world (docs/method.md, "The toy
-# presets"): at the paper's scaled lr the 1x1 head barely moves; at 0.03-0.1 without the area term it finds
+# is stage (a)'s objective and schedule. Toy: lr, lambda_area and epochs from sweeps on the toy world (docs/method.md,
+# "The toy presets"): at the paper's scaled lr the 1x1 head barely moves; at 0.03-0.1 without the area term it finds
 # wrong masks; 20 epochs instead of 6 take stage (a) from +1.6 to +2.3 seed mIoU over the CAM network (3 seeds).
 # cache_features: the frozen backbone runs once per (image, flip), not once per epoch (stage (a) 225 s -> 152 s).
 MATCHING_PRESETS = {"coco": dict(lambda_b=0.75, lr=5e-6),
@@ -45,7 +45,8 @@ def add_flags(p, epochs, lr, batch_size, matching=False):
                         "--no-resume removes it and starts afresh")
     if matching:
         p.add_argument("--clip", type=str, default=None, help="CLIP model name (e.g. ViT-B/32) or checkpoint path")
-        p.add_argument("--init", type=str, default=None, help="checkpoint of S to start from (the CAM network)")
+        p.add_argument("--init", type=str, default=None,
+                       help="checkpoint of S to start from (stage a: the CAM network; stage c: stage (a)'s S)")
         p.add_argument("--train", type=str, default="head", choices=("head", "all"),
                        help="what of S trains: the 1x1 classifier on fixed features (the release), or everything")
         p.add_argument("--fill", type=str, default="mean", choices=FILLS,

@@ -40,6 +40,8 @@ def test_run_sh_prints_the_table(tmp_path):
     assert proc.stdout.splitlines()[-1] == f"report: {tmp_path / 'out'}/report.html" and page.exists()
     assert f"<td>{results['c']['seed_miou']:.2f}</td>" in page.read_text()
     assert (tmp_path / "out" / "report" / "curves_seg.png").exists()
+    # stage (c) refines stage (a)'s S, the one its prompts were learned from (docs/method.md)
+    assert f"--init {tmp_path / 'out'}/match/checkpoint.pt" in (tmp_path / "out" / ".done" / "refine").read_text()
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "== match: done, skipped" in again.stdout
     assert "== report: done, skipped" in again.stdout and again.stdout.endswith(proc.stdout.splitlines()[-1] + "\n")
@@ -106,8 +108,15 @@ def test_ablate_prints_the_three_tables_and_reuses_finished_runs(toy_world, tmp_
     tables = report["tables"]
     assert len(tables) == 3 and len(tables["Table 4: losses"]) == 6 and len(tables["Table 6: training"]) == 2
     # the paper's grid 0.01-0.1 as multiples of its 0.05, around the toy preset's lambda 8.0
-    assert [r for r in tables["Table 5: lambda"]] == ["lambda 0 (L_match only)", "lambda 1.6", "lambda 3.2",
-                                                     "lambda 8.0", "lambda 16.0"]
+    assert [r for r in tables["Table 5: lambda"]] == ["stage (a) (start of c)", "lambda 0 (L_match only)",
+                                                     "lambda 1.6", "lambda 3.2", "lambda 8.0", "lambda 16.0"]
+    # every stage (c) run refines stage (a)'s S, as the pipeline does; the joint run has no stage (a)
+    import common
+    seed0 = out / "seed0"
+    init = {run: common.load_checkpoint(str(seed0 / run / "checkpoint.pt"), "mask_generator")["args"]["init"]
+            for run in ("c_all", "c_lambda0", "c_unlearned", "joint")}
+    assert init == {**{run: str(seed0 / "a" / "checkpoint.pt") for run in ("c_all", "c_lambda0", "c_unlearned")},
+                    "joint": str(seed0 / "cam" / "checkpoint.pt")}, init
     for rows in tables.values():
         for cell in rows.values():
             assert 0 <= cell["mean"] <= 100 and cell["std"] == 0 and len(cell["per_seed"]) == 1

@@ -46,8 +46,8 @@ def stages(toy_world, tmp_path_factory):
     a = run("train_match.py", *FAST, *data, *init, "--out", str(out / "match"), "--epochs", "4")
     b = run("train_prompt.py", *FAST, *data, "--match", str(out / "match" / "checkpoint.pt"),
             "--out", str(out / "prompt"), "--epochs", "8", "--prompt_length", "8")
-    c = run("train_refine.py", *FAST, *data, *init, "--prompts", str(out / "prompt" / "prompts.pt"),
-            "--out", str(out / "refine"), "--epochs", "2")
+    c = run("train_refine.py", *FAST, *data, "--init", str(out / "match" / "checkpoint.pt"), "--batch_size", "16",
+            "--prompts", str(out / "prompt" / "prompts.pt"), "--out", str(out / "refine"), "--epochs", "2")
     return {"out": out, "logs": (cam.stdout, a.stdout, b.stdout, c.stdout), "data": data, "init": init}
 
 
