@@ -109,18 +109,17 @@ def one_seed(args, seed, log):
     base = ["--dataset", args.dataset, "--data", args.data, "--device", args.device, "--seed", str(seed)]
     clip_flag = ["--clip", args.clip]
     m_args, c_args, p_args = (shlex.split(a) for a in (args.match_args, args.cam_args, args.prompt_args))
-    cam = os.path.join(out, "cam", "checkpoint.pt")
+    cam, stage_a = os.path.join(out, "cam", "checkpoint.pt"), os.path.join(out, "a", "checkpoint.pt")
     train(log, "train_cam.py", os.path.join(out, "cam"), *base, *c_args)
     miou = {"cam": seed_miou(log, base, "seeds_cam", cam, out)}
     train(log, "train_match.py", os.path.join(out, "a"), *base, *clip_flag, "--init", cam, *m_args)
-    miou["a"] = seed_miou(log, base, "seeds_a", os.path.join(out, "a", "checkpoint.pt"), out)
+    miou["a"] = seed_miou(log, base, "seeds_a", stage_a, out)
     for p, flags in PROMPTS.items():
-        train(log, "train_prompt.py", os.path.join(out, f"prompt_{p}"), *base, *clip_flag, "--match",
-              os.path.join(out, "a", "checkpoint.pt"), *p_args, *flags)
+        train(log, "train_prompt.py", os.path.join(out, f"prompt_{p}"), *base, *clip_flag, "--match", stage_a,
+              *p_args, *flags)
     for name, (p, flags) in refine_runs(args.lambda_refine).items():
         prompts = ["--prompts", os.path.join(out, f"prompt_{p}", "prompts.pt")] if p else []
-        init = os.path.join(out, "a", "checkpoint.pt") if p else cam
-        train(log, "train_refine.py", os.path.join(out, name), *base, *clip_flag, "--init", init,
+        train(log, "train_refine.py", os.path.join(out, name), *base, *clip_flag, "--init", stage_a if p else cam,
               "--lambda_refine", str(args.lambda_refine), *prompts, *m_args, *flags)
         miou[name] = seed_miou(log, base, f"seeds_{name}", os.path.join(out, name, "checkpoint.pt"), out)
     return miou

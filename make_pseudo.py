@@ -63,7 +63,8 @@ PRESETS = common.presets(
     # pseudo masks (CRF included) on toy train, pipeline seed 0: best 0.45 for the CAM network, stage (a)
     # and SemPLeS alike (0.40-0.55 measured; 0.60, the best of the seeds without CRF, was 6-8 points lower).
     # Re-checked at the 20-epoch presets over pipeline seeds 0-2: SemPLeS 78.57 / 79.35 / 79.05 at 0.40 /
-    # 0.45 / 0.50 (stage (a) 76.07 / 77.43 / 78.10). No run picks it from ground truth.
+    # 0.45 / 0.50 (stage (a) 76.07 / 77.43 / 78.10); with stage (c) from stage (a)'s S, 78.19 / 79.11 / 79.33.
+    # No run picks it from ground truth.
     toy=dict(checkpoint="out/toy/refine/checkpoint.pt", out="out/toy/pseudo", bg_threshold=0.45, batch_size=64),
 )
 

@@ -134,7 +134,7 @@ INPUTS=$(inputs "$INIT" "$CLUSTERS")  # the CAM network's
 INIT_FLAG=(); [ -n "$INIT" ] && INIT_FLAG=(--init "$INIT")
 SEG_INIT_FLAG=(); [ -n "$SEG_INIT" ] && SEG_INIT_FLAG=(--init "$SEG_INIT")
 CLUSTER_FLAG=(); [ -n "$CLUSTERS" ] && CLUSTER_FLAG=(--clusters "$CLUSTERS")
-CAM=$OUT/cam/checkpoint.pt
+CAM=$OUT/cam/checkpoint.pt MATCH=$OUT/match/checkpoint.pt
 
 step cam "$OUT/cam" "${TRAIN[@]}" train_cam.py "${COMMON[@]}" --out "$OUT/cam" "${INIT_FLAG[@]}" "${CLUSTER_FLAG[@]}" \
   ${CAM_ARGS:-}
@@ -146,10 +146,10 @@ if [ -n "$TOY_JOB" ]; then
 fi
 INPUTS=$(inputs "$CLIP" "$INIT" "$SEG_INIT" "$CLUSTERS")  # the later steps' (the CLIP is made by now)
 step match "$OUT/match" "${TRAIN[@]}" train_match.py "${COMMON[@]}" --clip "$CLIP" --init "$CAM" --out "$OUT/match" ${MATCH_ARGS:-}
-step seeds_a "$OUT/seeds_a" seeds seeds_a "$OUT/match/checkpoint.pt"
-step prompt "$OUT/prompt" "${TRAIN[@]}" train_prompt.py "${COMMON[@]}" --clip "$CLIP" --match "$OUT/match/checkpoint.pt" \
+step seeds_a "$OUT/seeds_a" seeds seeds_a "$MATCH"
+step prompt "$OUT/prompt" "${TRAIN[@]}" train_prompt.py "${COMMON[@]}" --clip "$CLIP" --match "$MATCH" \
   --out "$OUT/prompt" ${PROMPT_ARGS:-}
-step refine "$OUT/refine" "${TRAIN[@]}" train_refine.py "${COMMON[@]}" --clip "$CLIP" --init "$OUT/match/checkpoint.pt" \
+step refine "$OUT/refine" "${TRAIN[@]}" train_refine.py "${COMMON[@]}" --clip "$CLIP" --init "$MATCH" \
   --prompts "$OUT/prompt/prompts.pt" --out "$OUT/refine" ${MATCH_ARGS:-} ${REFINE_ARGS:-}
 step seeds_c "$OUT/seeds_c" seeds seeds_c "$OUT/refine/checkpoint.pt"
 if [ "$SEG" = 1 ]; then
