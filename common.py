@@ -386,12 +386,25 @@ class ClsDataset(torch.utils.data.Dataset):
 
     Images come out as float [3, size, size] in [0, 1]: S normalises them itself, and the masked CLIP
     samples are built from the raw pixels. Augmentation (horizontal flip) draws from an RNG seeded by
-    (seed, epoch, index), so a resumed run sees exactly the images an uninterrupted run would."""
+    (seed, epoch, index), so a resumed run sees exactly the images an uninterrupted run would.
+    Images whose mask holds no class (scenery alone) are left out: no (image, class) pair of stages (a)-(c)
+    comes from them. `self.left_out` counts them, for the stage's log."""
 
     def __init__(self, root, split, num_classes, size, augment=False, seed=0):
         self.root, self.size, self.augment, self.seed, self.epoch = root, size, augment, seed, 0
-        self.ids = read_ids(root, split)
-        self.labels = load_labels(root, self.ids, num_classes)
+        ids = read_ids(root, split)
+        labels = load_labels(root, ids, num_classes, require_nonempty=False)
+        keep = labels.any(1)
+        if not keep.any():
+            raise ValueError(f"no image of split list '{split}' in {root} has a class in its mask "
+                             f"({mask_dir(root)}): there is nothing to learn classes from")
+        self.ids, self.labels = [i for i, k in zip(ids, keep) if k], labels[keep]
+        self.left_out = len(ids) - len(self.ids)
+
+    def note(self, split):
+        """The log line about left-out images, or None."""
+        return (f"{self.left_out} of {self.left_out + len(self.ids)} images of '{split}' hold no class in their "
+                "mask and are left out" if self.left_out else None)
 
     def __len__(self):
         return len(self.ids)

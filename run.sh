@@ -62,6 +62,13 @@ else
   [ -n "$CLIP" ] || CLIP=ViT-B/32
   [ -d "$DATA" ] || { echo "run.sh: dataset folder $DATA not found (see README 'Data')" >&2; exit 2; }
 fi
+# The list S, the prompts and the segmenter train on: train_aug; a --toy folder without one (VOC's own layout
+# has train.txt and val.txt only) trains on train, the list the seeds are scored on.
+TRAIN_LIST=train_aug SPLIT_FLAG=()
+if [ "$DATASET" = toy ] && [ -z "${MAKE_TOY:-}" ] && [ ! -f "$DATA/ImageSets/Segmentation/train_aug.txt" ]; then
+  TRAIN_LIST=train SPLIT_FLAG=(--split train)
+  echo "run.sh: $DATA/ImageSets/Segmentation has no train_aug.txt: training on train.txt"
+fi
 # DATA/clusters.json of a toy world is written by its make_toy step: it may not exist yet
 [ -z "$CLUSTERS" ] || [ -f "$CLUSTERS" ] || { [ -n "${MAKE_TOY:-}" ] && [ "$CLUSTERS" = "$DATA/clusters.json" ]; } || {
   echo "run.sh: --clusters file $CLUSTERS not found (clusters/voc.json, clusters/coco.json, DATA/clusters.json)" >&2
@@ -136,8 +143,8 @@ SEG_INIT_FLAG=(); [ -n "$SEG_INIT" ] && SEG_INIT_FLAG=(--init "$SEG_INIT")
 CLUSTER_FLAG=(); [ -n "$CLUSTERS" ] && CLUSTER_FLAG=(--clusters "$CLUSTERS")
 CAM=$OUT/cam/checkpoint.pt MATCH=$OUT/match/checkpoint.pt
 
-step cam "$OUT/cam" "${TRAIN[@]}" train_cam.py "${COMMON[@]}" --out "$OUT/cam" "${INIT_FLAG[@]}" "${CLUSTER_FLAG[@]}" \
-  ${CAM_ARGS:-}
+step cam "$OUT/cam" "${TRAIN[@]}" train_cam.py "${COMMON[@]}" --out "$OUT/cam" "${SPLIT_FLAG[@]}" "${INIT_FLAG[@]}" \
+  "${CLUSTER_FLAG[@]}" ${CAM_ARGS:-}
 step seeds_cam "$OUT/seeds_cam" seeds seeds_cam "$CAM"
 if [ -n "$TOY_JOB" ]; then
   wait "$TOY_JOB" || { cat "$OUT/make_toy.log"; echo "run.sh: make_toy.py --part clip failed (above)" >&2; exit 1; }
@@ -145,18 +152,19 @@ if [ -n "$TOY_JOB" ]; then
   cat "$OUT/make_toy.log"
 fi
 INPUTS=$(inputs "$CLIP" "$INIT" "$SEG_INIT" "$CLUSTERS")  # the later steps' (the CLIP is made by now)
-step match "$OUT/match" "${TRAIN[@]}" train_match.py "${COMMON[@]}" --clip "$CLIP" --init "$CAM" --out "$OUT/match" ${MATCH_ARGS:-}
+step match "$OUT/match" "${TRAIN[@]}" train_match.py "${COMMON[@]}" --clip "$CLIP" --init "$CAM" --out "$OUT/match" \
+  "${SPLIT_FLAG[@]}" ${MATCH_ARGS:-}
 step seeds_a "$OUT/seeds_a" seeds seeds_a "$MATCH"
 step prompt "$OUT/prompt" "${TRAIN[@]}" train_prompt.py "${COMMON[@]}" --clip "$CLIP" --match "$MATCH" \
-  --out "$OUT/prompt" ${PROMPT_ARGS:-}
+  --out "$OUT/prompt" "${SPLIT_FLAG[@]}" ${PROMPT_ARGS:-}
 step refine "$OUT/refine" "${TRAIN[@]}" train_refine.py "${COMMON[@]}" --clip "$CLIP" --init "$MATCH" \
-  --prompts "$OUT/prompt/prompts.pt" --out "$OUT/refine" ${MATCH_ARGS:-} ${REFINE_ARGS:-}
+  --prompts "$OUT/prompt/prompts.pt" --out "$OUT/refine" "${SPLIT_FLAG[@]}" ${MATCH_ARGS:-} ${REFINE_ARGS:-}
 step seeds_c "$OUT/seeds_c" seeds seeds_c "$OUT/refine/checkpoint.pt"
 if [ "$SEG" = 1 ]; then
-step pseudo "$OUT/pseudo" "$PY" make_pseudo.py "${COMMON[@]}" --checkpoint "$OUT/refine/checkpoint.pt" --split train_aug \
-  --out "$OUT/pseudo" ${PSEUDO_ARGS:-}
+step pseudo "$OUT/pseudo" "$PY" make_pseudo.py "${COMMON[@]}" --checkpoint "$OUT/refine/checkpoint.pt" \
+  --split "$TRAIN_LIST" --out "$OUT/pseudo" ${PSEUDO_ARGS:-}
 step seg "$OUT/seg" "${TRAIN[@]}" train_seg.py "${COMMON[@]}" --masks "$OUT/pseudo/masks" --out "$OUT/seg" \
-  "${SEG_INIT_FLAG[@]}" ${SEG_ARGS:-}
+  "${SPLIT_FLAG[@]}" "${SEG_INIT_FLAG[@]}" ${SEG_ARGS:-}
 step seg_eval "" "$PY" eval_miou.py --dataset "$DATASET" --data "$DATA" --split val --pred "$OUT/seg/pred" \
   --json "$OUT/seg/val.json"
 fi

@@ -98,7 +98,8 @@ def background_cache(args, S, clip_model, K, device, log, rank=0):
             v_b.append(encode_images(clip_model, X_b).float().cpu())
         ks.append(k.cpu())
     v_b, ks = torch.cat(v_b), torch.cat(ks)
-    log(f"cached v^b of {len(ks)} (image, class) pairs from {len(data)} images")
+    log(f"cached v^b of {len(ks)} (image, class) pairs from {len(data)} images"
+        + (f" ({data.note(args.split)})" if data.left_out else ""))
     if rank == 0:
         common.save_checkpoint({"v_b": v_b, "k": ks, "key": key}, path)
     return v_b, ks

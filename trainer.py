@@ -123,6 +123,8 @@ def train(args, objective, stage, S=None, extra=None, extra_lr=None, cluster_map
     # (image index, flipped) -> features of the frozen backbone; only a frozen backbone's features can be kept
     cache = {} if getattr(args, "cache_features", False) and S.frozen_backbone else None
     data = common.ClsDataset(args.data, args.split, K, args.size, augment=True, seed=args.seed)
+    if data.left_out:
+        log(data.note(args.split))
     sampler = GlobalBatches(len(data), args.batch_size, rank, world, args.seed)
     loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=args.workers,
                                          pin_memory=device.type == "cuda")

@@ -4,6 +4,7 @@ finished steps, a changed flag redoes its step and every step after it, and so d
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -85,6 +86,44 @@ def test_run_sh_never_writes_into_a_users_dataset(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "neither a make_toy world" in proc.stderr
     assert sorted(os.listdir(user)) == ["JPEGImages"]
+
+
+def test_run_sh_on_a_foreign_world(toy_world, tmp_path):
+    """A VOC-layout folder that make_toy did not make: VOC's own lists (train and val, no train_aug), other class
+    names, a few images whose masks hold no class, and a CLIP of other widths given as a bare OpenAI state dict.
+    run.sh trains on train.txt, leaves the empty images out, writes nothing into the folder and prints the table."""
+    import numpy as np
+    import torch
+
+    import common
+    from clip.model import CLIP
+
+    world = tmp_path / "world"
+    for name in ("JPEGImages", "SegmentationClass", "ImageSets"):
+        shutil.copytree(os.path.join(toy_world["root"], name), world / name)
+    (world / "ImageSets" / "Segmentation" / "train_aug.txt").unlink()
+    (world / "class_names.txt").write_text("".join(f"thing{k}\n" for k in range(toy_world["num_classes"])))
+    train = common.read_ids(str(world), "train")
+    for i in train[:2]:
+        h, w, _ = common.read_image(common.image_path(str(world), i)).shape
+        common.save_mask(str(world / "SegmentationClass" / f"{i}.png"), np.zeros((h, w), np.uint8))
+    torch.manual_seed(0)
+    clip = CLIP(embed_dim=40, image_resolution=48, vision_layers=2, vision_width=48, vision_patch_size=8,
+                context_length=24, vocab_size=49408, transformer_width=32, transformer_heads=2, transformer_layers=2)
+    torch.save(clip.state_dict(), tmp_path / "clip.pt")
+    before = sorted(str(p.relative_to(world)) for p in world.rglob("*"))
+    env = {**os.environ, **SMALL, "PYTHON": sys.executable}
+    cmd = ["bash", os.path.join(REPO, "run.sh"), "--toy", str(world), "--clip", str(tmp_path / "clip.pt"),
+           "--out", str(tmp_path / "out"), "--no-seg"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "has no train_aug.txt: training on train.txt" in proc.stdout
+    assert f"2 of {len(train)} images of 'train' hold no class in their mask and are left out" in proc.stdout
+    for step in ("cam", "match", "prompt", "refine"):
+        assert "--split train " in (tmp_path / "out" / ".done" / step).read_text(), step
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert all(0 <= results[key]["seed_miou"] <= 100 for key in ("cam", "a", "c"))
+    assert sorted(str(p.relative_to(world)) for p in world.rglob("*")) == before
 
 
 def test_run_sh_refuses_unknown_flags_and_missing_data(tmp_path):

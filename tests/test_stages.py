@@ -232,10 +232,30 @@ def test_bad_input_errors(stages, toy_world, tmp_path):
         p = run("train_match.py", *FAST, *data, *stages["init"], "--out", str(tmp_path / "z"), *bad_flag, ok=False)
         assert p.returncode == 2 and bad_flag[0] in p.stderr, p.stderr
     assert not (tmp_path / "z" / "checkpoint.pt").exists()
-    # an empty label row: a mask holding no class
+    # a split list whose masks hold no class at all: nothing to learn from
     root = tmp_path / "data"
     shutil.copytree(toy_world["root"], root)
     first = common.read_ids(str(root), "train_aug")[0]
     common.save_mask(str(root / "SegmentationClass" / f"{first}.png"), np.zeros((64, 64), np.uint8))
-    p = run("train_cam.py", *FAST, "--data", str(root), "--out", str(tmp_path / "a"), "--size", "64", ok=False)
-    assert p.returncode != 0 and "empty label row" in p.stderr and first in p.stderr
+    (root / "ImageSets" / "Segmentation" / "blank.txt").write_text(first + "\n")
+    p = run("train_cam.py", *FAST, "--data", str(root), "--split", "blank", "--out", str(tmp_path / "a"), ok=False)
+    assert p.returncode != 0 and "no image of split list 'blank'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_images_without_a_class_are_left_out(stages, toy_world, tmp_path):
+    """Scenery alone (a mask holding no class) gives no (image, class) pair: training leaves such images out and
+    says so in its log, instead of stopping (a foreign world may hold some)."""
+    root = tmp_path / "data"
+    shutil.copytree(toy_world["root"], root)
+    ids = common.read_ids(str(root), "train_aug")
+    for i in ids[:3]:
+        common.save_mask(str(root / "SegmentationClass" / f"{i}.png"), np.zeros((64, 64), np.uint8))
+    note = f"3 of {len(ids)} images of 'train_aug' hold no class in their mask and are left out"
+    run("train_cam.py", *FAST, "--data", str(root), "--out", str(tmp_path / "cam"), "--epochs", "1",
+        "--batch_size", "16", "--size", "64")
+    assert note in (tmp_path / "cam" / "log.txt").read_text()
+    run("train_prompt.py", *FAST, "--data", str(root), "--clip", toy_world["clip"], "--match",
+        str(stages["out"] / "match" / "checkpoint.pt"), "--out", str(tmp_path / "prompt"), "--epochs", "1")
+    assert note in (tmp_path / "prompt" / "log.txt").read_text()
+    data = common.ClsDataset(str(root), "train_aug", len(common.read_class_names(str(root))), 64)
+    assert data.ids == ids[3:] and data.labels.any(1).all() and data.left_out == 3
