@@ -245,7 +245,10 @@ def mask_dir(root):
 
 
 def image_path(root, image_id):
-    return os.path.join(root, "JPEGImages", f"{image_id}.jpg")
+    """JPEGImages/{id}.jpg as in VOC; a generated folder may hold {id}.png instead."""
+    path = os.path.join(root, "JPEGImages", f"{image_id}.jpg")
+    png = path[:-4] + ".png"
+    return png if not os.path.exists(path) and os.path.exists(png) else path
 
 
 def read_image(path):

@@ -90,10 +90,12 @@ def test_run_sh_never_writes_into_a_users_dataset(tmp_path):
 
 def test_run_sh_on_a_foreign_world(toy_world, tmp_path):
     """A VOC-layout folder that make_toy did not make: VOC's own lists (train and val, no train_aug), other class
-    names, a few images whose masks hold no class, and a CLIP of other widths given as a bare OpenAI state dict.
-    run.sh trains on train.txt, leaves the empty images out, writes nothing into the folder and prints the table."""
+    names, a few images whose masks hold no class, some PNG images, and a CLIP of other widths given as a bare
+    OpenAI state dict. run.sh trains on train.txt, leaves the empty images out, writes nothing into the folder and
+    prints the table."""
     import numpy as np
     import torch
+    from PIL import Image
 
     import common
     from clip.model import CLIP
@@ -107,6 +109,10 @@ def test_run_sh_on_a_foreign_world(toy_world, tmp_path):
     for i in train[:2]:
         h, w, _ = common.read_image(common.image_path(str(world), i)).shape
         common.save_mask(str(world / "SegmentationClass" / f"{i}.png"), np.zeros((h, w), np.uint8))
+    for i in train[2:5]:  # some images as PNG files, as a generator may write them
+        jpg = world / "JPEGImages" / f"{i}.jpg"
+        Image.open(jpg).save(jpg.with_suffix(".png"))
+        jpg.unlink()
     torch.manual_seed(0)
     clip = CLIP(embed_dim=40, image_resolution=48, vision_layers=2, vision_width=48, vision_patch_size=8,
                 context_length=24, vocab_size=49408, transformer_width=32, transformer_heads=2, transformer_layers=2)
