@@ -12,13 +12,18 @@ data/toy must exist: `python make_toy.py`):
     python ablate.py --dataset toy --seeds 0 1 2 --out out/toy_ablate
 
 It runs the stage scripts as a user would (train_cam, train_match, train_prompt, train_refine, make_pseudo
---cams_only, eval_miou --cams), one folder per run under OUT/seed{S}/, and reuses finished runs (a run
-whose checkpoint is done is not invoked again; an interrupted one resumes from its checkpoint). Writes OUT/ablations.json (every run's seed mIoU and each cell's
-mean and std) and prints the three tables. Extra flags for every S-training stage go through --match_args.
+--cams_only, eval_miou --cams), one folder per run under OUT/seed{S}/, each keyed (OUT/seed{S}/RUN/key.txt) on
+its command and the code it runs, and on the runs it reads. A finished run with the same key is reused, an
+interrupted one resumes from its checkpoint, and one made otherwise (another preset, an edited loss) is removed
+and redone. Writes OUT/ablations.json (every run's seed mIoU and each cell's mean and std) and prints the
+three tables. Extra flags for every S-training stage go through --match_args.
 """
+import glob
+import hashlib
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 
@@ -78,50 +83,99 @@ def run(log, *cmd):
 
 
 def finished(path):
-    """A run whose checkpoint says it is done is reused as it is, not invoked again."""
+    """Whether a stage's checkpoint says it is done."""
     try:
         return bool(torch.load(path, map_location="cpu", weights_only=True).get("done"))
     except (OSError, RuntimeError, EOFError, ValueError):
         return False
 
 
-def train(log, script, out, *args):
-    """Run a training stage unless its output in `out` is finished."""
+# The modules every script shares (run.sh's code key holds the same): an edit to any of them, or to a preset in
+# them, changes what a run produces.
+SHARED = ["common.py", "semples.py", "trainer.py", "cams.py", "metrics.py"] + sorted(
+    os.path.relpath(f, common.REPO) for f in glob.glob(os.path.join(common.REPO, "clip", "*.py")))
+
+
+def run_key(*cmds, after=""):
+    """What a run's output is keyed on: its commands, the code they run (the scripts they name and SHARED) and
+    `after`, the keys of the runs whose outputs it reads."""
+    h = hashlib.sha256(repr((cmds, after)).encode())
+    for f in [w for cmd in cmds for w in cmd if w.endswith(".py")] + SHARED:
+        with open(os.path.join(common.REPO, f), "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def inputs_key(data, clip):
+    """The dataset's files and the CLIP (a file, or a model name) by name, size and time, as run.sh keys its
+    steps: an edited mask or another CLIP file redoes every run."""
+    h = hashlib.sha256(clip.encode())
+    for path in [clip] + sorted(glob.glob(os.path.join(data, "**"), recursive=True)):
+        if os.path.isfile(path):
+            st = os.stat(path)
+            h.update(f"{path} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def fresh(folder, key):
+    """True if `folder` was started by a run with this key (finished or to resume). Otherwise the folder is
+    removed (made by another command, preset or code, or of unknown origin) and started anew under the key."""
+    path = os.path.join(folder, "key.txt")
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read().strip() == key:
+                return True
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    with common.atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(key + "\n")
+    return False
+
+
+def train(log, script, out, *args, after=""):
+    """Run a training stage unless `out` holds its finished output with the same key; returns the key."""
+    cmd = (script, *args, "--out", out)
+    key = run_key(cmd, after=after)
     name = "prompts.pt" if script == "train_prompt.py" else "checkpoint.pt"
-    if not finished(os.path.join(out, name)):
-        run(log, script, *args, "--out", out)
+    if not (fresh(out, key) and finished(os.path.join(out, name))):
+        run(log, *cmd)
+    return key
 
 
-def seed_miou(log, base, name, ckpt, out):
-    """Seed mIoU of S's CAMs on the train list (best threshold of a 0.05-0.95 sweep)."""
-    result = os.path.join(out, name, "seed.json")
-    if not os.path.exists(result):
-        run(log, "make_pseudo.py", *base, "--checkpoint", ckpt, "--split", "train", "--out",
-            os.path.join(out, name), "--cams_only")
-        run(log, "eval_miou.py", "--dataset", base[1], "--data", base[3], "--split", "train", "--cams",
-            os.path.join(out, name, "cams"), "--t_start", "0.05", "--t_end", "0.95", "--json", result)
+def seed_miou(log, base, name, ckpt, out, after):
+    """Seed mIoU of S's CAMs on the train list (best threshold of a 0.05-0.95 sweep); `after`: the key of the
+    run that made `ckpt`."""
+    folder = os.path.join(out, name)
+    result = os.path.join(folder, "seed.json")
+    cams = ("make_pseudo.py", *base, "--checkpoint", ckpt, "--split", "train", "--out", folder, "--cams_only")
+    score = ("eval_miou.py", "--dataset", base[1], "--data", base[3], "--split", "train", "--cams",
+             os.path.join(folder, "cams"), "--t_start", "0.05", "--t_end", "0.95", "--json", result)
+    if not (fresh(folder, run_key(cams, score, after=after)) and os.path.exists(result)):
+        run(log, *cams)
+        run(log, *score)
     with open(result) as f:
         return json.load(f)["miou"]
 
 
-def one_seed(args, seed, log):
+def one_seed(args, seed, log, inputs):
     out = os.path.join(args.out, f"seed{seed}")
     base = ["--dataset", args.dataset, "--data", args.data, "--device", args.device, "--seed", str(seed)]
     clip_flag = ["--clip", args.clip]
     m_args, c_args, p_args = (shlex.split(a) for a in (args.match_args, args.cam_args, args.prompt_args))
     cam, stage_a = os.path.join(out, "cam", "checkpoint.pt"), os.path.join(out, "a", "checkpoint.pt")
-    train(log, "train_cam.py", os.path.join(out, "cam"), *base, *c_args)
-    miou = {"cam": seed_miou(log, base, "seeds_cam", cam, out)}
-    train(log, "train_match.py", os.path.join(out, "a"), *base, *clip_flag, "--init", cam, *m_args)
-    miou["a"] = seed_miou(log, base, "seeds_a", stage_a, out)
-    for p, flags in PROMPTS.items():
-        train(log, "train_prompt.py", os.path.join(out, f"prompt_{p}"), *base, *clip_flag, "--match", stage_a,
-              *p_args, *flags)
+    k_cam = train(log, "train_cam.py", os.path.join(out, "cam"), *base, *c_args, after=inputs)
+    miou = {"cam": seed_miou(log, base, "seeds_cam", cam, out, k_cam)}
+    k_a = train(log, "train_match.py", os.path.join(out, "a"), *base, *clip_flag, "--init", cam, *m_args,
+                after=k_cam)
+    miou["a"] = seed_miou(log, base, "seeds_a", stage_a, out, k_a)
+    k_prompt = {p: train(log, "train_prompt.py", os.path.join(out, f"prompt_{p}"), *base, *clip_flag, "--match",
+                         stage_a, *p_args, *flags, after=k_a) for p, flags in PROMPTS.items()}
     for name, (p, flags) in refine_runs(args.lambda_refine).items():
         prompts = ["--prompts", os.path.join(out, f"prompt_{p}", "prompts.pt")] if p else []
-        train(log, "train_refine.py", os.path.join(out, name), *base, *clip_flag, "--init", stage_a if p else cam,
-              "--lambda_refine", str(args.lambda_refine), *prompts, *m_args, *flags)
-        miou[name] = seed_miou(log, base, f"seeds_{name}", os.path.join(out, name, "checkpoint.pt"), out)
+        k = train(log, "train_refine.py", os.path.join(out, name), *base, *clip_flag, "--init", stage_a if p else cam,
+                  "--lambda_refine", str(args.lambda_refine), *prompts, *m_args, *flags,
+                  after=(k_a, k_prompt[p]) if p else k_cam)
+        miou[name] = seed_miou(log, base, f"seeds_{name}", os.path.join(out, name, "checkpoint.pt"), out, k)
     return miou
 
 
@@ -148,7 +202,7 @@ def main(args):
     per_seed = {}
     for seed in args.seeds:
         log(f"seed {seed}")
-        per_seed[seed] = one_seed(args, seed, log)
+        per_seed[seed] = one_seed(args, seed, log, inputs_key(args.data, args.clip))
     names = per_seed[args.seeds[0]].keys()
     cells = {n: {"mean": float(np.mean([per_seed[s][n] for s in args.seeds])),
                  "std": float(np.std([per_seed[s][n] for s in args.seeds])),

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+import torch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {
     "TOY_ARGS": "--n_train 48 --n_val 16 --n_train_subset 16 --size 64 --clip_steps 20 --clip_batch 32",
@@ -94,7 +96,6 @@ def test_run_sh_on_a_foreign_world(toy_world, tmp_path):
     OpenAI state dict. run.sh trains on train.txt, leaves the empty images out, writes nothing into the folder and
     prints the table."""
     import numpy as np
-    import torch
     from PIL import Image
 
     import common
@@ -169,6 +170,16 @@ def test_ablate_prints_the_three_tables_and_reuses_finished_runs(toy_world, tmp_
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "train_" not in again.stdout.split("seed 0", 1)[1].split("Table 4")[0]
     assert json.loads((out / "ablations.json").read_text())["runs"] == report["runs"]
+    # another prompt flag: the prompts and every stage (c) run that reads them are redone, from scratch; the CAM
+    # network, stage (a) and the joint run (no prompts file) are reused
+    changed = subprocess.run(cmd[:-1] + [cmd[-1].replace("--prompt_length 4", "--prompt_length 5")], cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
+    ran = changed.stdout.split("seed 0", 1)[1].split("Table 4")[0]
+    assert "train_prompt.py" in ran and f"--out {seed0 / 'c_all'}" in ran
+    assert "train_cam.py" not in ran and "train_match.py" not in ran and f"--out {seed0 / 'joint'}" not in ran
+    prompts = torch.load(seed0 / "prompt_all" / "prompts.pt", weights_only=True)
+    assert prompts["prompts"].shape[1] == 5 and prompts["epoch"] == 1
 
 
 def test_run_sh_with_three_processes(tmp_path):
