@@ -153,9 +153,9 @@ def test_ablate_prints_the_three_tables_and_reuses_finished_runs(toy_world, tmp_
     report = json.loads((out / "ablations.json").read_text())
     tables = report["tables"]
     assert len(tables) == 3 and len(tables["Table 4: losses"]) == 6 and len(tables["Table 6: training"]) == 2
-    # the paper's grid 0.01-0.1 as multiples of its 0.05, around the toy preset's lambda 4.0
+    # the paper's grid 0.01-0.1 as multiples of its 0.05, around the toy preset's lambda 0.8
     assert [r for r in tables["Table 5: lambda"]] == ["stage (a) (start of c)", "lambda 0 (L_match only)",
-                                                     "lambda 0.8", "lambda 1.6", "lambda 4.0", "lambda 8.0"]
+                                                     "lambda 0.16", "lambda 0.32", "lambda 0.8", "lambda 1.6"]
     # every stage (c) run refines stage (a)'s S, as the pipeline does; the joint run has no stage (a)
     import common
     seed0 = out / "seed0"
