@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import common
+import trainer
 
 # Table 5's grid: the paper's lambdas 0.01, 0.02, 0.05, 0.1 as multiples of its VOC lambda 0.05, so that the
 # sweep brackets each preset's lambda the same way (VOC: the paper's values; toy 0.8: 0.16, 0.32, 0.8, 1.6).
@@ -70,9 +71,8 @@ def build_parser():
     return p
 
 
-PRESETS = common.presets(toy=dict(out="out/toy_ablate", lambda_refine=0.8),
-                         voc=dict(out="out/voc_ablate", lambda_refine=0.05),
-                         coco=dict(out="out/coco_ablate", lambda_refine=0.2))
+PRESETS = common.presets(**{d: dict(out=f"out/{d}_ablate", lambda_refine=lam)
+                            for d, lam in trainer.LAMBDA_REFINE.items()})
 
 
 def run(log, *cmd):

@@ -29,19 +29,19 @@ from semples import (L_area, L_match, L_prompt, L_refine, Prompts, class_text_fe
 PRESETS = common.presets(
     voc=dict(out="out/voc/refine", init="out/voc/match/checkpoint.pt", prompts="out/voc/prompt/prompts.pt"),
     # COCO and toy: stage (a)'s values (trainer.MATCHING_PRESETS, so that lambda 0 is L_match alone), and lambda
-    # (toy: from sweeps, docs/method.md; 0.8 against 1.6 and 4 on all three toy worlds: as good seeds, and 0.8 alone
-    # keeps SemPLeS's pseudo masks level with stage (a)'s, the larger weights trimming boat's thin sail).
+    # (trainer.LAMBDA_REFINE, which says why toy's is 0.8).
     coco=dict(out="out/coco/refine", init="out/coco/match/checkpoint.pt", prompts="out/coco/prompt/prompts.pt",
-              lambda_refine=0.2, lambda_T=0.01, **trainer.MATCHING_PRESETS["coco"]),
+              lambda_refine=trainer.LAMBDA_REFINE["coco"], lambda_T=0.01, **trainer.MATCHING_PRESETS["coco"]),
     toy=dict(out="out/toy/refine", init="out/toy/match/checkpoint.pt", prompts="out/toy/prompt/prompts.pt",
-             prompt_length=8, lambda_refine=0.8, lambda_T=1.0, **trainer.MATCHING_PRESETS["toy"]),
+             prompt_length=8, lambda_refine=trainer.LAMBDA_REFINE["toy"], lambda_T=1.0,
+             **trainer.MATCHING_PRESETS["toy"]),
 )
 
 
 def build_parser():
     p = trainer.add_flags(common.new_parser(__doc__), epochs=60, lr=5e-4, batch_size=64, matching=True)
     p.add_argument("--prompts", type=str, default=None, help="stage (b) prompts file")
-    p.add_argument("--lambda_refine", type=common.nonnegative_float, default=0.05,
+    p.add_argument("--lambda_refine", type=common.nonnegative_float, default=trainer.LAMBDA_REFINE["voc"],
                    help="lambda, the weight of L_refine (Eq. 3)")
     p.add_argument("--joint", action="store_true",
                    help="paper Table 6: learn the prompts here, jointly with S, instead of reading --prompts")
