@@ -8,10 +8,10 @@ nearest to each learned prompt. run.sh runs it last.
 
 Reads the run folder OUT as run.sh leaves it: results.json; {cam,match,prompt,refine,seg}/log.txt;
 seeds_{cam,a,c}/cams/*.npz and seed.json (the CAMs of the --split list made by the CAM network, stage (a)
-and SemPLeS, and each one's best threshold); seeds_c/masks/*.png (SemPLeS's pseudo masks of that list,
-made as pseudo/ makes them); prompt/prompts.pt. From the dataset: the images, the ground truth and, for a
-toy world, toy_meta.json (each class's home background). Runs no network but CLIP (--clip: the one the
-prompts were learned with).
+and SemPLeS, and each one's best threshold); seeds_{a,c}/masks/*.png (the pseudo masks of that list by
+stage (a) and SemPLeS, made as pseudo/ makes them); prompt/prompts.pt. From the dataset: the images, the
+ground truth and, for a toy world, toy_meta.json (each class's home background). Runs no network but CLIP
+(--clip: the one the prompts were learned with).
 
 Grid: the first --n images of --split, one row per class present: image | ground truth | CAM of the CAM
 network | of stage (a) | of SemPLeS (viridis over the image) | pseudo mask (VOC palette). Each CAM tile
@@ -25,13 +25,18 @@ the share of that mass on the ground-truth background and on the object, average
 a toy world, over the images whose only background is the class's home), against the share a uniform map
 would give (the background's area).
 
+Where SemPLeS's pseudo masks lose: the --losses (image, class) pairs of --split whose wrongly labelled
+pixels grow most from stage (a)'s pseudo masks (seeds_a/masks) to SemPLeS's (seeds_c/masks), each with the
+class's pseudo-mask IoU over the list with and without that image (a dataset's IoU sums pixels over its
+images, so one image can move a class by many points), and a CAM grid of those images.
+
 Nearest words: those stage (b) kept in prompts.pt (computed here from words.txt for an older prompts.pt);
 on a toy world also among the words its CLIP was trained on (classes and backgrounds), with the rank of
 each class's home background word.
 
-Writes OUT/report/grid.png, OUT/report/prompt_maps.png, OUT/report/curves_STAGE.png, OUT/report.json
-(every number shown) and OUT/report.html (the page; it links the PNGs), each under a temporary name
-first; prints the path of report.html.
+Writes OUT/report/grid.png, OUT/report/losses.png, OUT/report/prompt_maps.png,
+OUT/report/curves_STAGE.png, OUT/report.json (every number shown) and OUT/report.html (the page; it links the
+PNGs), each under a temporary name first; prints the path of report.html.
 """
 import html
 import json
@@ -65,6 +70,8 @@ def build_parser():
     p.add_argument("--device", type=common.device_name, default=common.default_device(), help="cuda, cuda:1 or cpu")
     p.add_argument("--split", type=str, default="train", help="image list of the seeds_* folders")
     p.add_argument("--n", type=common.positive_int, default=6, help="images in the CAM grid")
+    p.add_argument("--losses", type=common.positive_int, default=5,
+                   help="(image, class) pairs listed where SemPLeS's pseudo masks lose most against stage (a)'s")
     p.add_argument("--per_class", type=common.positive_int, default=2, help="images per class in the prompt maps")
     p.add_argument("--tile", type=common.positive_int, default=128, help="tile size in pixels")
     p.add_argument("--map_images", type=common.positive_int, default=2000,
@@ -234,10 +241,10 @@ def read_pair(args, image_id):
 
 
 # ----------------------------------------------------------------------------------------------
-# The three pictures
+# The pictures and the pseudo-mask losses
 # ----------------------------------------------------------------------------------------------
-def cam_grid(args, ids, names, seeds, pseudo):
-    """Rows (image, class) of the first --n images with objects; returns (picture, rows with IoUs)."""
+def cam_grid(args, ids, names, seeds, pseudo, n):
+    """Rows (image, class) of the first n images of `ids` with objects; returns (picture, rows with IoUs)."""
     titles = (["image", "ground truth"]
               + [f"{STAGES[k][1]}\nt={seeds[k]['best_threshold']:.2f}" for k in STAGES]
               + [f"pseudo mask\n(c) t={pseudo['bg_threshold']:.2f}{'+CRF' if pseudo['crf'] else ''}"])
@@ -259,9 +266,44 @@ def cam_grid(args, ids, names, seeds, pseudo):
             row.append(tile(PALETTE[pm], args.tile, f"IoU {fmt(100 * iou['pseudo'], 1)}", nearest=True))
             tiles.append(row)
             rows.append({"id": i, "class": names[v - 1], "iou": {k: 100 * x for k, x in iou.items()}})
-        if len({r["id"] for r in rows}) == args.n:
+        if len({r["id"] for r in rows}) == n:
             break
     return sheet(titles, tiles, [f"{r['id']}\n{r['class']}" for r in rows], args.tile), rows
+
+
+def class_counts(pred, gt, n_classes):
+    """Per class value: (intersection, union) pixel counts of a label map against the ground truth, the
+    ignore band (255) left out."""
+    valid = gt != 255
+    p, g = pred[valid].astype(np.int64), gt[valid].astype(np.int64)
+    inter = np.bincount(g[p == g], minlength=n_classes)[:n_classes]
+    union = np.bincount(p, minlength=n_classes)[:n_classes] + np.bincount(g, minlength=n_classes)[:n_classes]
+    return inter, union - inter
+
+
+def pseudo_losses(args, ids, names, k):
+    """The k (image, class) pairs whose wrongly labelled pixels (the class predicted or true, not both) grow
+    most from stage (a)'s pseudo masks to SemPLeS's, each with the class's IoU over `ids` for both and for
+    SemPLeS without that image. Object classes only: a class that eats the background shows up as itself."""
+    K = len(names) + 1
+    per = np.zeros((len(ids), 2, 2, K), np.int64)  # image x [stage (a), SemPLeS] x [intersection, union] x class
+    for n, i in enumerate(ids):
+        gt = common.read_mask(os.path.join(common.mask_dir(args.data), f"{i}.png"))
+        for s, d in enumerate(("seeds_a", "seeds_c")):
+            per[n, s] = class_counts(common.read_mask(os.path.join(args.out, d, "masks", f"{i}.png")), gt, K)
+    total = per.sum(0)
+    errors = per[:, :, 1, 1:] - per[:, :, 0, 1:]  # union - intersection, [image, stage, object class]
+    extra = (errors[:, 1] - errors[:, 0]).ravel()
+    order = np.argsort(-extra, kind="stable")[:k]  # ties in list order
+    iou = lambda iu: 100 * float(iu[0]) / float(iu[1]) if iu[1] else None
+    rows = []
+    for j in order[extra[order] > 0]:
+        n, v = divmod(int(j), K - 1)
+        v += 1
+        rows.append({"id": ids[n], "class": names[v - 1], "extra_errors": int(extra[j]),
+                     "iou_a": iou(total[0, :, v]), "iou_c": iou(total[1, :, v]),
+                     "iou_c_without": iou(total[1, :, v] - per[n, 1, :, v])})
+    return rows
 
 
 @torch.no_grad()
@@ -364,6 +406,23 @@ def grid_section(rep):
                    for r in rep["grid"]["rows"]])]
 
 
+def losses_section(rep):
+    rows = rep["losses"]["rows"]
+    parts = ["<h2>Where SemPLeS's pseudo masks lose against stage (a)'s</h2>",
+             "<p>The (image, class) pairs whose wrongly labelled pixels grow most from stage (a)'s pseudo masks "
+             "to SemPLeS's, with the class's pseudo-mask IoU over the list; a dataset's IoU sums pixels over "
+             "its images, so one image can move a class by many points.</p>"]
+    if not rows:
+        return parts + ["<p>None: SemPLeS's pseudo masks have no more wrong pixels than stage (a)'s for any "
+                        "(image, class).</p>"]
+    return parts + [f'<p><img src="{html.escape(rep["losses"]["png"])}" alt="losses"></p>',
+                    table(["image", "class", "extra wrong pixels", "IoU stage (a)", "IoU SemPLeS",
+                           "IoU SemPLeS without this image"],
+                          [[r["id"], r["class"], r["extra_errors"]] + [fmt(r[k]) for k in
+                                                                      ("iou_a", "iou_c", "iou_c_without")]
+                           for r in rows])]
+
+
 def maps_section(rep):
     maps = rep["prompt_maps"]
     if maps["png"] is None:
@@ -401,7 +460,7 @@ def page(rep, names):
              f"<p>dataset {html.escape(str(res.get('dataset')))}, seed {res.get('seed')}; report.json holds every "
              "number below.</p>"] + results_section(rep, names) + ["<h2>Loss curves</h2>"]
     parts += [f'<p><img src="{html.escape(p)}" alt="{s}"></p>' for s, p in rep["curves"].items()]
-    parts += grid_section(rep) + maps_section(rep) + words_section(rep)
+    parts += grid_section(rep) + losses_section(rep) + maps_section(rep) + words_section(rep)
     style = ("body{font-family:sans-serif;max-width:1400px;margin:auto} table{border-collapse:collapse;margin:8px 0}"
              "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} img{max-width:100%}")
     return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>SemPLeS report</title><style>{style}</style>"
@@ -434,9 +493,18 @@ def main(args):
                      os.path.join(folder, f"curves_{stage}.png"))
             rep["curves"][stage] = f"report/curves_{stage}.png"
 
-    grid, rows = cam_grid(args, ids, names, seeds, pseudo)
+    grid, rows = cam_grid(args, ids, names, seeds, pseudo, args.n)
     save_png(grid, os.path.join(folder, "grid.png"))
     rep["grid"] = {"png": "report/grid.png", "rows": rows}
+    losses = pseudo_losses(args, ids, names, args.losses)
+    rep["losses"] = {"png": None, "rows": losses}
+    loss_png = os.path.join(folder, "losses.png")
+    if losses:
+        loss_ids = list(dict.fromkeys(r["id"] for r in losses))
+        save_png(cam_grid(args, loss_ids, names, seeds, pseudo, len(loss_ids))[0], loss_png)
+        rep["losses"]["png"] = "report/losses.png"
+    elif os.path.exists(loss_png):  # an earlier report's: this run's masks lose nowhere
+        os.remove(loss_png)
 
     clip_model = load_frozen_clip(args.clip, device)
     prompts_path = os.path.join(out, "prompt", "prompts.pt")
@@ -466,8 +534,9 @@ def main(args):
         json.dump(rep, f, indent=1)
     with common.atomic_path(os.path.join(out, "report.html")) as tmp, open(tmp, "w") as f:
         f.write(page(rep, names))
-    print(f"wrote {os.path.join(out, 'report.html')}: {len(rows)} grid rows, "
-          f"{len(rep['prompt_maps']['classes'])} classes' prompt maps, {len(rep['curves'])} loss-curve pictures in {folder}")
+    print(f"wrote {os.path.join(out, 'report.html')}: {len(rows)} grid rows, {len(losses)} pseudo-mask losses, "
+          f"{len(rep['prompt_maps']['classes'])} classes' prompt maps, {len(rep['curves'])} loss-curve pictures "
+          f"in {folder}")
     return rep
 
 

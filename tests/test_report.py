@@ -125,6 +125,65 @@ def test_numbers_on_the_page_come_from_the_run(small_run, toy_world):
             assert f"<td>{s['ub_bg']:.3f}</td>" in page and f"<td>{s['uf_obj']:.3f}</td>" in page
 
 
+def test_pseudo_mask_losses_come_from_the_masks(small_run, toy_world):
+    """The listed (image, class) pairs are the ones whose wrong pixels grow most from stage (a)'s pseudo masks
+    to SemPLeS's, recomputed here pixel by pixel; their IoUs are eval_miou's (mask.json); the picture has a
+    row per class of each listed image."""
+    out, rep, names = small_run["out"], small_run["rep"], toy_world["class_names"]
+    wrong, inter, union = {}, {}, {}
+    for i in small_run["ids"]:
+        gt = gt_of(small_run["root"], i)
+        valid = gt != 255
+        for st in ("a", "c"):
+            pm = common.read_mask(str(out / f"seeds_{st}" / "masks" / f"{i}.png"))
+            for v in range(1, len(names) + 1):
+                p, t = (pm == v) & valid, (gt == v) & valid
+                wrong[st, i, v] = int((p ^ t).sum())
+                inter[st, i, v], union[st, i, v] = int((p & t).sum()), int((p | t).sum())
+    extra = {(i, v): wrong["c", i, v] - wrong["a", i, v] for i in small_run["ids"] for v in range(1, len(names) + 1)}
+    want = sorted((e for e in extra.values() if e > 0), reverse=True)[:5]
+    rows = rep["losses"]["rows"]
+    assert [r["extra_errors"] for r in rows] == want
+    masks = {st: json.loads((out / f"seeds_{st}" / "mask.json").read_text())["iou"] for st in ("a", "c")}
+    for r in rows:
+        v = names.index(r["class"]) + 1
+        assert extra[r["id"], v] == r["extra_errors"]
+        assert r["iou_a"] == pytest.approx(masks["a"][r["class"]])
+        assert r["iou_c"] == pytest.approx(masks["c"][r["class"]])
+        keep = [i for i in small_run["ids"] if i != r["id"]]
+        without = 100 * sum(inter["c", i, v] for i in keep) / sum(union["c", i, v] for i in keep)
+        assert r["iou_c_without"] == pytest.approx(without)
+        assert f"<td>{r['id']}</td><td>{r['class']}</td><td>{r['extra_errors']}</td>" in small_run["html"]
+    if rows:
+        shown = list(dict.fromkeys(r["id"] for r in rows))
+        n_rows = sum(len(common.labels_of_mask(gt_of(small_run["root"], i))) for i in shown)
+        step = 64 + report.GAP
+        assert png(out / "report" / "losses.png") == (report.LABELS + 6 * step + report.GAP,
+                                                      report.HEADER + n_rows * step + report.GAP)
+
+
+def test_pseudo_mask_losses_on_known_masks(tmp_path):
+    """Three 8x8 images: SemPLeS's mask of class 1 floods image a (48 more wrong pixels), is better than
+    stage (a)'s on image b (not listed), equal on image c; the IoUs follow by hand."""
+    square = np.zeros((8, 8), np.uint8)
+    square[2:6, 2:6] = 1
+    gts = {"a": square, "b": square * 2, "c": square}
+    preds = {"a": (square, np.ones((8, 8), np.uint8)), "b": (np.roll(square * 2, 1, 0), square * 2),
+             "c": (square, square)}
+    for folder in ("SegmentationClass", "out/seeds_a/masks", "out/seeds_c/masks"):
+        (tmp_path / folder).mkdir(parents=True)
+    for i in gts:
+        Image.fromarray(gts[i], "L").save(tmp_path / "SegmentationClass" / f"{i}.png")
+        for st, m in zip(("a", "c"), preds[i]):
+            Image.fromarray(m, "L").save(tmp_path / "out" / f"seeds_{st}" / "masks" / f"{i}.png")
+    args = report.build_parser().parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "out")])
+    rows = report.pseudo_losses(args, ["a", "b", "c"], ["x", "y"], 5)
+    assert [(r["id"], r["class"], r["extra_errors"]) for r in rows] == [("a", "x", 48)]
+    r = rows[0]
+    assert r["iou_a"] == pytest.approx(100.0)  # class 1: exact on a and c
+    assert r["iou_c"] == pytest.approx(100 * 32 / 80) and r["iou_c_without"] == pytest.approx(100.0)
+
+
 def test_stage_b_keeps_the_nearest_words(small_run, toy_world):
     out, words = small_run["out"], report.read_words(report.WORDS)
     ckpt = torch.load(out / "prompt" / "prompts.pt", weights_only=True)
