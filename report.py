@@ -271,16 +271,6 @@ def cam_grid(args, ids, names, seeds, pseudo, n):
     return sheet(titles, tiles, [f"{r['id']}\n{r['class']}" for r in rows], args.tile), rows
 
 
-def class_counts(pred, gt, n_classes):
-    """Per class value: (intersection, union) pixel counts of a label map against the ground truth, the
-    ignore band (255) left out."""
-    valid = gt != 255
-    p, g = pred[valid].astype(np.int64), gt[valid].astype(np.int64)
-    inter = np.bincount(g[p == g], minlength=n_classes)[:n_classes]
-    union = np.bincount(p, minlength=n_classes)[:n_classes] + np.bincount(g, minlength=n_classes)[:n_classes]
-    return inter, union - inter
-
-
 def pseudo_losses(args, ids, names, k):
     """The k (image, class) pairs whose wrongly labelled pixels (the class predicted or true, not both) grow
     most from stage (a)'s pseudo masks to SemPLeS's, each with the class's IoU over `ids` for both and for
@@ -290,7 +280,10 @@ def pseudo_losses(args, ids, names, k):
     for n, i in enumerate(ids):
         gt = common.read_mask(os.path.join(common.mask_dir(args.data), f"{i}.png"))
         for s, d in enumerate(("seeds_a", "seeds_c")):
-            per[n, s] = class_counts(common.read_mask(os.path.join(args.out, d, "masks", f"{i}.png")), gt, K)
+            path = os.path.join(args.out, d, "masks", f"{i}.png")
+            conf = confusion_matrix(gt, common.read_mask(path), K, where=path)  # 255 ignored, sizes checked
+            tp = np.diag(conf)
+            per[n, s] = tp, conf.sum(0) + conf.sum(1) - tp
     total = per.sum(0)
     errors = per[:, :, 1, 1:] - per[:, :, 0, 1:]  # union - intersection, [image, stage, object class]
     extra = (errors[:, 1] - errors[:, 0]).ravel()
