@@ -437,6 +437,14 @@ def maps_section(rep):
 def words_section(rep):
     parts = [f"<h2>Nearest words to each learned prompt</h2><p>{html.escape(rep['nearest_words_source'])}</p>",
              words_table(rep["nearest_words"], rep["home"])]
+    if rep.get("prompt_fit"):
+        fit = rep["prompt_fit"]
+        parts += ["<p>How well each learned prompt matches the backgrounds it was learned from (stage b's mean cosine "
+                  "with their v^b), against the class text's (the co-occurrence bias: how much they still look like "
+                  "the class), and the prompt's cosine with the class text (what L_prompt^T lowers):</p>",
+                  table(["class", "pairs", "u^b fit", "class text fit", "cos(u^b, u^f)"],
+                        [[n, f["pairs"], fmt(f["u_b"], 3), fmt(f["u_f"], 3), fmt(rep["prompt_class_cosine"][n], 3)]
+                         for n, f in fit.items()])]
     if "nearest_words_toy" in rep:
         parts += ["<p>The toy CLIP saw only the words of its captions (the class names and the backgrounds); "
                   "every other word reaches it through untrained token embeddings. Among those words:</p>",
@@ -510,7 +518,10 @@ def main(args):
         picture, shares = prompt_maps(args, ids[:args.map_images], names, clip_model, u_f, u_b, device, meta)
         save_png(picture, os.path.join(folder, "prompt_maps.png"))
         rep["prompt_maps"].update(png="report/prompt_maps.png", classes=shares)
-    near = common.load_checkpoint(prompts_path, "prompts", "--out").get("nearest_words")
+    prompt_ckpt = common.load_checkpoint(prompts_path, "prompts", "--out")
+    rep["prompt_fit"] = prompt_ckpt.get("fit")  # None: prompts learned before train_prompt.py kept it
+    rep["prompt_class_cosine"] = dict(zip(names, (u_b * u_f).sum(-1).tolist()))
+    near = prompt_ckpt.get("nearest_words")
     rep["nearest_words_source"] = "from prompts.pt (stage b's log lists them too)"
     if near is None:  # prompts learned before train_prompt.py kept them
         near = dict(zip(names, nearest_words(clip_model, u_b, read_words(WORDS), 5)))

@@ -21,7 +21,9 @@ Ablations (paper Table 4): `--lambda_T 0` (L_prompt^I only), `--no-image_term` (
 
 Writes OUT/prompts.pt: the prompts [K, L, D], their text features u^b [K, D], the class names, the
 CLIP identity, optimizer and epoch (resumed from if present), and at the end `nearest_words` ({class:
-[[word, cosine], ...]}: the --nearest_k words of --words closest to u^b_k, also one log line per class);
+[[word, cosine], ...]}: the --nearest_k words of --words closest to u^b_k, also one log line per class) and
+`fit` ({class: {pairs, u_b, u_f}}: the mean cosine of u^b_k and of the class text with the class's
+backgrounds v^b, one log line);
 OUT/log.txt, OUT/args.json.
 """
 import argparse
@@ -105,6 +107,21 @@ def background_cache(args, S, clip_model, K, device, log, rank=0):
     return v_b, ks
 
 
+@torch.no_grad()
+def background_fit(u_b, u_f, v_b, k, names):
+    """Per class: how well its learned prompt u^b_k and its class text u^f_k match the backgrounds of its
+    pairs (mean cosine with their v^b, the similarity L_prompt^I raises). The class text's fit is the
+    co-occurrence bias plus object remnants: how much the backgrounds still look like the class. u^b sits
+    below it by what L_prompt^T costs; on the toy world it also sits below the home scenery's own text
+    (docs/method.md, "The toy presets")."""
+    fit = {}
+    for i, n in enumerate(names):
+        vb = v_b[k == i].float()
+        fit[n] = {"pairs": len(vb), "u_b": float((vb @ u_b[i].float()).mean()) if len(vb) else None,
+                  "u_f": float((vb @ u_f[i].float()).mean()) if len(vb) else None}
+    return fit
+
+
 def main(args):
     device, rank, world, log, out_path, names = common.begin(args, "prompts.pt")
     K = len(names)
@@ -178,10 +195,13 @@ def main(args):
     gap = (u_b * u_f).sum(-1)
     log("sim(u^b_k, u^f_k) per class: " + " ".join(f"{n} {v:.3f}" for n, v in zip(names, gap.tolist())))
     if rank == 0:  # after training, from the final u^b: nothing above (the prompts, the RNG) depends on it
+        fit = background_fit(u_b, u_f, v_b, k, names)
+        log("fit to the backgrounds (mean cosine with v^b of the class's pairs), u^b / class text u^f: "
+            + " ".join(f"{n} {f['u_b']:.3f} / {f['u_f']:.3f}" for n, f in fit.items() if f["pairs"]))
         near = dict(zip(names, nearest_words(clip_model, u_b, words, args.nearest_k)))
         for n, pairs in near.items():
             log(f"nearest words to u^b {n}: " + ", ".join(f"{w} {c:.3f}" for w, c in pairs))
-        save(args.epochs, {"nearest_words": near})
+        save(args.epochs, {"nearest_words": near, "fit": fit})
     log(f"done: {out_path}")
     common.cleanup_distributed()
 

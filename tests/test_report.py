@@ -199,6 +199,26 @@ def test_stage_b_keeps_the_nearest_words(small_run, toy_world):
         assert f"<td>{pairs[0][0]} {pairs[0][1]:.3f}</td>" in small_run["html"]
 
 
+def test_stage_b_keeps_each_prompts_fit_to_its_backgrounds(small_run, toy_world):
+    """prompts.pt's `fit`, recomputed from stage (b)'s own cache of background features: the mean cosine of
+    u^b_k and of the class text with the v^b of class k's pairs; also in the log and on the page."""
+    out, names = small_run["out"], toy_world["class_names"]
+    ckpt = torch.load(out / "prompt" / "prompts.pt", weights_only=True)
+    cache = torch.load(out / "prompt" / "cache.pt", weights_only=True)
+    clip_model = report.load_frozen_clip(toy_world["clip"], "cpu")
+    u_f = report.class_text_features(clip_model, names)
+    log = (out / "prompt" / "log.txt").read_text()
+    assert list(ckpt["fit"]) == names
+    for i, n in enumerate(names):
+        v_b, f = cache["v_b"][cache["k"] == i], ckpt["fit"][n]
+        assert f["pairs"] == len(v_b) > 0  # every class is in the toy train_aug list
+        assert f["u_b"] == pytest.approx(float((v_b @ ckpt["u_b"][i]).mean()), abs=1e-5)
+        assert f["u_f"] == pytest.approx(float((v_b @ u_f[i]).mean()), abs=1e-5)
+        assert f" {n} {f['u_b']:.3f} / {f['u_f']:.3f}" in log
+        assert f"<td>{n}</td><td>{f['pairs']}</td><td>{f['u_b']:.3f}</td><td>{f['u_f']:.3f}</td>" in small_run["html"]
+    assert small_run["rep"]["prompt_fit"] == ckpt["fit"]
+
+
 def test_a_uniform_map_puts_the_background_area_on_the_background():
     """on_image's normalisation: a flat map over the patches gives each labelled pixel the same mass."""
     gt = np.zeros((40, 40), np.uint8)
