@@ -112,8 +112,8 @@ def background_fit(u_b, u_f, v_b, k, names):
     """Per class: how well its learned prompt u^b_k and its class text u^f_k match the backgrounds of its
     pairs (mean cosine with their v^b, the similarity L_prompt^I raises). The class text's fit is the
     co-occurrence bias plus object remnants: how much the backgrounds still look like the class. u^b sits
-    below it by what L_prompt^T costs; on the toy world it mostly sits below the home scenery's own text too (23 of
-    24 classes over three runs; docs/method.md, "The toy presets", says why)."""
+    below it by what L_prompt^T costs; on the toy world it mostly sits below the home scenery's own text
+    too (23 of 24 classes over three runs; docs/method.md, "The toy presets", says why)."""
     fit = {}
     for i, n in enumerate(names):
         vb = v_b[k == i].float()
