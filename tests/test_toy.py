@@ -143,6 +143,33 @@ def test_pretraining_is_deterministic(toy_world, tmp_path):
     assert run("a.pt") == run("b.pt")
 
 
+def test_text_cone_is_fixed_and_keyed(toy_world, tmp_path):
+    """--text_cone: ln_final's bias is the fixed constant of the asked strength, it and the gain and the text
+    projection do not train, every text feature shares its direction, and the saved meta keys the setting
+    (a plain CLIP's meta has no such key, so plain worlds keep their key)."""
+    args = dict(steps=3, batch_size=16, bg_pool=2, cut_pool=8, threads=1, evaluate=False, quiet=True)
+    path = str(tmp_path / "cone.pt")
+    meta = make_toy.pretrain_clip(toy_world["root"], path, text_cone=2.0, **args)
+    assert meta["pretrain_args"]["text_cone"] == 2.0 and "text_cone" not in toy_world["clip_meta"]["pretrain_args"]
+    common.seed_everything(0)  # as pretrain_clip does before building the model (seed 0)
+    init = clip.model.CLIP(**make_toy.CLIP_CONFIG)  # what the frozen ones start as, and must still be
+    make_toy._fix_text_cone(init, 2.0, 0)
+    sd = torch.load(path, weights_only=True)["state_dict"]
+    for name in ("ln_final.bias", "ln_final.weight", "text_projection"):
+        assert torch.equal(sd[name], init.state_dict()[name]), name
+    assert sd["ln_final.bias"].abs().mean() == pytest.approx(2.0)
+    model, _ = clip.load(path, device="cpu")
+    words = make_toy.NAMES + make_toy.BACKGROUNDS
+    with torch.no_grad():
+        t = torch.nn.functional.normalize(model.encode_text(clip.tokenize(
+            [f"a photo of {w}." for w in words], context_length=model.context_length)).float(), dim=-1)
+    cone = (t @ t.T)[~torch.eye(len(words), dtype=bool)].mean()
+    assert cone > 0.5, float(cone)  # the plain tiny CLIP's trained words: 0.13
+    assert make_toy.get_parser().parse_args(["--text_cone", "2"]).text_cone == 2.0
+    with pytest.raises(SystemExit):
+        make_toy.get_parser().parse_args(["--text_cone", "-1"])
+
+
 def test_main_end_to_end(tmp_path, capsys):
     out = str(tmp_path / "toy")
     make_toy.main(make_toy.get_parser().parse_args(
