@@ -558,7 +558,7 @@ def _fix_text_cone(model, strength, seed):
     to cosine 0 with its class text; docs/method.md, "The toy presets"). ln_final's bias is fixed at a random
     constant of mean |value| `strength` (the normalised tokens it is added to spread 1 per channel), and
     ln_final's gain and the text projection are frozen so that training cannot learn around it: with them
-    trainable the cone did not stay (mean pairwise cosine 0.19 at strength 2; 0.68 with them frozen)."""
+    trainable the cone did not stay (mean pairwise cosine 0.19 at strength 2; 0.67 with them frozen)."""
     c = torch.randn(model.ln_final.bias.shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         model.ln_final.bias.copy_(strength * c / c.abs().mean())
