@@ -9,6 +9,7 @@ import torch
 import clip
 import common
 import make_toy
+import semples
 
 SPLITS = ("train_aug", "train", "val")
 SMALL = dict(n_train=10, n_val=4, n_train_subset=5, size=48, cooccur=0.8, multi=0.25, quiet=True)
@@ -158,11 +159,8 @@ def test_text_cone_is_fixed_and_keyed(toy_world, tmp_path):
     for name in ("ln_final.bias", "ln_final.weight", "text_projection"):
         assert torch.equal(sd[name], init.state_dict()[name]), name
     assert sd["ln_final.bias"].abs().mean() == pytest.approx(2.0)
-    model, _ = clip.load(path, device="cpu")
     words = make_toy.NAMES + make_toy.BACKGROUNDS
-    with torch.no_grad():
-        t = torch.nn.functional.normalize(model.encode_text(clip.tokenize(
-            [f"a photo of {w}." for w in words], context_length=model.context_length)).float(), dim=-1)
+    t = semples.class_text_features(semples.load_frozen_clip(path, "cpu"), words)  # "a photo of {w}.", normalised
     cone = (t @ t.T)[~torch.eye(len(words), dtype=bool)].mean()
     assert cone > 0.5, float(cone)  # the plain tiny CLIP's trained words: 0.13
     assert make_toy.get_parser().parse_args(["--text_cone", "2"]).text_cone == 2.0
