@@ -81,6 +81,7 @@ nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 nonnegative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
 unit_float = _number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+unit_below_one = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def float_list(text):

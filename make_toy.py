@@ -552,23 +552,43 @@ def _holed(scenes, masks, fills, g):
     return ((1 - m) * scenes.float() + m * fills[i].view(n, 3, 1, 1)).round().to(torch.uint8)
 
 
-def _fix_text_cone(model, strength, seed):
-    """Give every text feature one shared direction, as real CLIP's text features lie in a narrow cone (the
-    default tiny CLIP's 18 trained words: mean pairwise cosine 0.13, so L_prompt^T's log can drive a prompt
-    to cosine 0 with its class text; docs/method.md, "The toy presets"). ln_final's bias is fixed at a random
-    constant of mean |value| `strength` (the normalised tokens it is added to spread 1 per channel), and
-    ln_final's gain and the text projection are frozen so that training cannot learn around it: with them
-    trainable the cone did not stay (mean pairwise cosine 0.19 at strength 2; 0.67 with them frozen)."""
-    c = torch.randn(model.ln_final.bias.shape, generator=torch.Generator().manual_seed(seed))
+def _fix_geometry(model, rho, kappa, seed):
+    """Real CLIP's feature geometry, exactly (Liang et al., "Mind the Gap", NeurIPS 2022: each modality's
+    features lie in a narrow cone of their own, with a gap between the two): every text feature is
+    sqrt(rho) d_t + sqrt(1 - rho) u' and every image feature sqrt(rho) d_i + sqrt(1 - rho) v', with u', v' unit
+    vectors orthogonal to the fixed shared directions d_t, d_i, and d_i . d_t = kappa. So text-text cosines lie
+    in [2 rho - 1, 1], image-text ones in rho kappa + (1 - rho) [-1, 1]: at rho 0.75, kappa 0.2, matching
+    image-text pairs near 0.3 and others near 0.16, as OpenAI's ViT-B/32 (the plain tiny CLIP: -0.5 to 0.9, so
+    sim()'s clamp at 1e-4 can silence a loss term; docs/method.md, "The toy presets").
+    How: each tower ends in LayerNorm then a projection; the LayerNorm's gain is fixed at 1 and its bias at a
+    constant c in every channel (its normalised output has zero channel mean, so it is orthogonal to that
+    bias and has norm sqrt(width)), and the projection is a fixed orthogonal matrix; none of them trains.
+    c = sqrt(rho / (1 - rho)) sets the shares; the image projection is the text one rotated so that the two
+    shared directions meet at kappa. Needs the towers' widths equal to the embedding size."""
+    W, D = model.text_projection.shape
+    if model.visual.proj.shape != (W, D) or W != D:
+        raise ValueError(f"--cone needs vision width = text width = embed dim, got {tuple(model.visual.proj.shape)} "
+                         f"and {(W, D)}")
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(W, D, generator=g))
+    d_t = Q.sum(0) / math.sqrt(W)  # where the constant bias lands: ones @ Q, unit length
+    e = torch.randn(D, generator=g)
+    e = F.normalize(e - (e @ d_t) * d_t, dim=0)
+    s = math.sqrt(1 - kappa ** 2)  # rotation in the (d_t, e) plane taking d_t to kappa d_t + s e
+    H = (torch.eye(D) + (kappa - 1) * (torch.outer(d_t, d_t) + torch.outer(e, e))
+         + s * (torch.outer(d_t, e) - torch.outer(e, d_t)))
     with torch.no_grad():
-        model.ln_final.bias.copy_(strength * c / c.abs().mean())
-    for p in (model.ln_final.bias, model.ln_final.weight, model.text_projection):
-        p.requires_grad_(False)
+        for ln, proj, rot in ((model.ln_final, model.text_projection, Q), (model.visual.ln_post, model.visual.proj, Q @ H)):
+            ln.weight.fill_(1.0)
+            ln.bias.fill_(math.sqrt(rho / (1 - rho)))
+            proj.copy_(rot / math.sqrt(W))
+            for p in (ln.weight, ln.bias, proj):
+                p.requires_grad_(False)
 
 
 def pretrain_clip(root, out_path, steps=900, batch_size=128, lr=1e-3, bg_caption_frac=0.0, plain_frac=0.2,
                   scene_frac=0.25, scene_hole_frac=0.5, bg_pool=48, cut_pool=512, seed=0, config=None, evaluate=True,
-                  force=False, log_every=100, quiet=False, threads=None, text_cone=0.0):
+                  force=False, log_every=100, quiet=False, threads=None, cone=0.0, gap_cos=0.2):
     """Contrastive pretraining (symmetric InfoNCE; duplicate captions in a batch are all positives). A batch
     mixes what web data teaches real CLIP:
       - train_aug images captioned with the names of their objects ("a photo of a boat and a cow.");
@@ -583,14 +603,15 @@ def pretrain_clip(root, out_path, steps=900, batch_size=128, lr=1e-3, bg_caption
         where an object was cut out (_holed), as the background images (1 - M) * X of the method do.
     Saves {"state_dict", "meta"} atomically; returns meta (with "loss_history"). Skipped if `out_path`
     holds a model trained with the same settings. `threads`: torch CPU threads while training (restored
-    after); None keeps the current setting. `text_cone` > 0: an experiment, off by default (_fix_text_cone)."""
+    after); None keeps the current setting. `cone` > 0: real CLIP's feature geometry (_fix_geometry), an
+    experiment, off by default, with `gap_cos` the cosine of the two modalities' shared directions."""
     config = {**CLIP_CONFIG, **(config or {})}
     dmeta = _read_json(os.path.join(root, "toy_meta.json")) or {}
     want = {"config": config, "dataset_args": dmeta.get("args"), "version": GEN_VERSION,
             "pretrain_args": dict(steps=steps, batch_size=batch_size, lr=lr, bg_caption_frac=bg_caption_frac,
                                   plain_frac=plain_frac, scene_frac=scene_frac, scene_hole_frac=scene_hole_frac,
                                   bg_pool=bg_pool, cut_pool=cut_pool, seed=seed,
-                                  **({"text_cone": text_cone} if text_cone else {}))}
+                                  **({"cone": cone, "gap_cos": gap_cos} if cone else {}))}
     old = None if force or not os.path.exists(out_path) else _clip_meta_ok(out_path, want)
     if old is not None:
         return old
@@ -600,8 +621,8 @@ def pretrain_clip(root, out_path, steps=900, batch_size=128, lr=1e-3, bg_caption
         common.seed_everything(seed)
         g = torch.Generator().manual_seed(seed)
         model = clip.model.CLIP(**config)
-        if text_cone:
-            _fix_text_cone(model, text_cone, seed)
+        if cone:
+            _fix_geometry(model, cone, gap_cos, seed)
         ids, x = _load_split(root, "train_aug")
         K = len(NAMES)
         y = common.load_labels(root, ids, K)
@@ -750,7 +771,8 @@ def main(args):
         return meta, None
     cmeta = pretrain_clip(args.out, os.path.join(args.out, "tiny_clip.pt"), args.clip_steps, args.clip_batch,
                           args.clip_lr, args.bg_caption_frac, args.plain_frac, args.scene_frac, args.scene_hole_frac,
-                          seed=args.seed, force=args.force, threads=args.threads or None, text_cone=args.text_cone)
+                          seed=args.seed, force=args.force, threads=args.threads or None, cone=args.cone,
+                          gap_cos=args.gap_cos)
     print_clip(cmeta)
     e = cmeta["eval"]["template0"]
     ok = (e["zero_shot_acc"] >= 0.9 and cmeta["eval"]["object_alone_acc_mean"] >= 0.9 and e["bias_mean"] >= 0.15
@@ -787,9 +809,12 @@ def get_parser():
                    help="share of CLIP samples that are scenery alone, captioned with the scenery's name")
     p.add_argument("--scene_hole_frac", type=float, default=0.5,
                    help="share of those scenery samples shown with a flat hole where an object was cut out")
-    p.add_argument("--text_cone", type=common.nonnegative_float, default=0.0,
-                   help="experiment, off (0) by default: text features share one fixed direction of this strength, "
-                        "as real CLIP's lie in a narrow cone (docs/method.md, 'The toy presets')")
+    p.add_argument("--cone", type=common.unit_below_one, default=0.0,
+                   help="experiment, off (0) by default: real CLIP's feature geometry, each feature this share (rho) in "
+                        "its modality's fixed shared direction (0.75: text-text cosines near 0.75, image-text 0.1-0.35, "
+                        "as ViT-B/32; docs/method.md, 'The toy presets')")
+    p.add_argument("--gap_cos", type=common.unit_float, default=0.2,
+                   help="with --cone: cosine of the image and the text shared directions (kappa)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (0: torch's default); on a busy 2-core box 2 threads ran 6x slower than 1")
     p.add_argument("--force", action="store_true", help="regenerate the dataset and retrain CLIP even if valid")

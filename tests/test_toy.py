@@ -144,28 +144,46 @@ def test_pretraining_is_deterministic(toy_world, tmp_path):
     assert run("a.pt") == run("b.pt")
 
 
-def test_text_cone_is_fixed_and_keyed(toy_world, tmp_path):
-    """--text_cone: ln_final's bias is the fixed constant of the asked strength, it and the gain and the text
-    projection do not train, every text feature shares its direction, and the saved meta keys the setting
-    (a plain CLIP's meta has no such key, so plain worlds keep their key)."""
+def test_geometry_is_fixed_and_keyed(toy_world, tmp_path):
+    """--cone RHO --gap_cos KAPPA: the towers' last LayerNorm affine and projections are fixed (and stay so in
+    training); every text feature has exactly sqrt(RHO) of its length along one shared direction, every image
+    feature along another, the two directions meet at KAPPA, so every cosine lies in real CLIP's band; the
+    saved meta keys the setting (a plain CLIP's meta has no such key, so plain worlds keep their key)."""
+    rho, kappa = 0.75, 0.2
     args = dict(steps=3, batch_size=16, bg_pool=2, cut_pool=8, threads=1, evaluate=False, quiet=True)
     path = str(tmp_path / "cone.pt")
-    meta = make_toy.pretrain_clip(toy_world["root"], path, text_cone=2.0, **args)
-    assert meta["pretrain_args"]["text_cone"] == 2.0 and "text_cone" not in toy_world["clip_meta"]["pretrain_args"]
+    meta = make_toy.pretrain_clip(toy_world["root"], path, cone=rho, gap_cos=kappa, **args)
+    assert meta["pretrain_args"]["cone"] == rho and meta["pretrain_args"]["gap_cos"] == kappa
+    assert "cone" not in toy_world["clip_meta"]["pretrain_args"]
     common.seed_everything(0)  # as pretrain_clip does before building the model (seed 0)
     init = clip.model.CLIP(**make_toy.CLIP_CONFIG)  # what the frozen ones start as, and must still be
-    make_toy._fix_text_cone(init, 2.0, 0)
+    make_toy._fix_geometry(init, rho, kappa, 0)
     sd = torch.load(path, weights_only=True)["state_dict"]
-    for name in ("ln_final.bias", "ln_final.weight", "text_projection"):
-        assert torch.equal(sd[name], init.state_dict()[name]), name
-    assert sd["ln_final.bias"].abs().mean() == pytest.approx(2.0)
+    for name in ("ln_final.bias", "ln_final.weight", "text_projection", "visual.ln_post.bias",
+                 "visual.ln_post.weight", "visual.proj"):
+        # not bit-equal: the QR behind the projections rounds with the thread count (pretraining runs on 1);
+        # one Adam step would move a trained entry by about lr = 1e-3, 1000x this tolerance
+        torch.testing.assert_close(sd[name], init.state_dict()[name], rtol=0, atol=1e-6, msg=name)
+    d_t = torch.nn.functional.normalize(sd["text_projection"].sum(0), dim=0)
+    d_i = torch.nn.functional.normalize(sd["visual.proj"].sum(0), dim=0)
+    assert float(d_t @ d_i) == pytest.approx(kappa, abs=1e-5)
+    model = semples.load_frozen_clip(path, "cpu")
     words = make_toy.NAMES + make_toy.BACKGROUNDS
-    t = semples.class_text_features(semples.load_frozen_clip(path, "cpu"), words)  # "a photo of {w}.", normalised
-    cone = (t @ t.T)[~torch.eye(len(words), dtype=bool)].mean()
-    assert cone > 0.5, float(cone)  # the plain tiny CLIP's trained words: 0.13
-    assert make_toy.get_parser().parse_args(["--text_cone", "2"]).text_cone == 2.0
-    with pytest.raises(SystemExit):
-        make_toy.get_parser().parse_args(["--text_cone", "-1"])
+    t = semples.class_text_features(model, words)  # "a photo of {w}.", normalised
+    ids, x = make_toy._load_split(toy_world["root"], "val")
+    v = semples.encode_images(model, x[:16].float() / 255)
+    assert torch.allclose(t @ d_t, torch.full((len(words),), rho ** 0.5), atol=1e-4)
+    assert torch.allclose(v @ d_i, torch.full((16,), rho ** 0.5), atol=1e-4)
+    assert (t @ t.T).min() >= 2 * rho - 1 - 1e-4  # the text cone: no cosine near 0 (plain tiny CLIP: -0.5)
+    assert (v @ t.T).min() >= rho * kappa - (1 - rho) - 1e-4 and (v @ t.T).max() <= rho * kappa + (1 - rho) + 1e-4
+    parse = make_toy.get_parser().parse_args
+    assert parse(["--cone", "0.75"]).cone == 0.75 and parse([]).cone == 0.0 and parse([]).gap_cos == 0.2
+    for bad in (["--cone", "1"], ["--cone", "-0.1"], ["--gap_cos", "1.5"]):
+        with pytest.raises(SystemExit):
+            parse(bad)
+    other = clip.model.CLIP(**{**make_toy.CLIP_CONFIG, "embed_dim": 64})
+    with pytest.raises(ValueError, match="--cone needs"):
+        make_toy._fix_geometry(other, rho, kappa, 0)
 
 
 def test_main_end_to_end(tmp_path, capsys):
