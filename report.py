@@ -441,10 +441,14 @@ def words_section(rep):
         fit = rep["prompt_fit"]
         parts += ["<p>How well each learned prompt matches the backgrounds it was learned from (stage b's mean cosine "
                   "with their v^b), against the class text's (the co-occurrence bias: how much they still look like "
-                  "the class), and the prompt's cosine with the class text (what L_prompt^T lowers):</p>",
-                  table(["class", "pairs", "u^b fit", "class text fit", "cos(u^b, u^f)"],
-                        [[n, f["pairs"], fmt(f["u_b"], 3), fmt(f["u_f"], 3), fmt(rep["prompt_class_cosine"][n], 3)]
-                         for n, f in fit.items()])]
+                  "the class), the prompt's cosine with the class text (what L_prompt^T lowers), and how far stage "
+                  "(c)'s L_refine reaches from it: the mean cosine of stage (a)'s foregrounds v^f with u^b, and the "
+                  "share of pairs where that cosine is above sim()'s clamp floor, the only pairs L_refine moves "
+                  "(prompts learned before stage b kept these show none):</p>",
+                  table(["class", "pairs", "u^b fit", "class text fit", "cos(u^b, u^f)", "cos(v^f, u^b)",
+                         "pairs L_refine moves"],
+                        [[n, f["pairs"], fmt(f["u_b"], 3), fmt(f["u_f"], 3), fmt(rep["prompt_class_cosine"][n], 3),
+                          fmt(f.get("refine_cos"), 3), fmt(f.get("refine_live"), 2)] for n, f in fit.items()])]
     if "nearest_words_toy" in rep:
         parts += ["<p>The toy CLIP saw only the words of its captions (the class names and the backgrounds); "
                   "every other word reaches it through untrained token embeddings. Among those words:</p>",

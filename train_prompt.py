@@ -22,8 +22,10 @@ Ablations (paper Table 4): `--lambda_T 0` (L_prompt^I only), `--no-image_term` (
 Writes OUT/prompts.pt: the prompts [K, L, D], their text features u^b [K, D], the class names, the
 CLIP identity, optimizer and epoch (resumed from if present), and at the end `nearest_words` ({class:
 [[word, cosine], ...]}: the --nearest_k words of --words closest to u^b_k, also one log line per class) and
-`fit` ({class: {pairs, u_b, u_f}}: the mean cosine of u^b_k and of the class text with the class's
-backgrounds v^b, one log line);
+`fit` ({class: {pairs, u_b, u_f, refine_cos, refine_live}}: the mean cosine of u^b_k and of the class
+text with the class's backgrounds v^b, one log line; and how far stage (c)'s L_refine reaches from u^b_k at
+stage (a)'s masks, the mean cosine of the foregrounds v^f with it and the share of pairs above sim()'s clamp,
+another log line);
 OUT/log.txt, OUT/args.json.
 """
 import argparse
@@ -34,7 +36,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
-from semples import (WORDS, L_prompt, Prompts, class_text_features, clip_identity, encode_images, load_frozen_clip,
+from semples import (EPS, WORDS, L_prompt, Prompts, class_text_features, clip_identity, encode_images, load_frozen_clip,
                      load_mask_generator, masked_pairs, nearest_words, read_words, weights_fingerprint)
 
 PRESETS = common.presets(
@@ -80,45 +82,53 @@ def build_parser():
 @torch.no_grad()
 def background_cache(args, S, clip_model, K, device, log, rank=0):
     """v^b and k of every (image, present class) pair of the split, computed once with the frozen S at
-    stage (a)'s input size and fill (args.size, args.fill). The cache is keyed on what produced it (S's
-    weights, the split, the fill, the size, the CLIP)."""
+    stage (a)'s input size and fill (args.size, args.fill), and v^f of the same pairs (for the log's reach of
+    L_refine, not for training). The cache is keyed on what produced it (S's weights, the split, the fill, the
+    size, the CLIP)."""
     path = os.path.join(args.out, "cache.pt")
     key = {"S": weights_fingerprint(S.state_dict()), "split": args.split, "fill": args.fill,
            "size": args.size, "clip": clip_identity(clip_model)}
     if os.path.exists(path):
         cache = torch.load(path, map_location="cpu", weights_only=True)
-        if cache.get("key") == key:
-            return cache["v_b"], cache["k"]
+        if cache.get("key") == key and "v_f" in cache:  # a cache without v^f is an older version's
+            return cache["v_b"], cache["v_f"], cache["k"]
     data = common.ClsDataset(args.data, args.split, K, args.size, augment=False)
     loader = torch.utils.data.DataLoader(data, 64, shuffle=False, num_workers=args.workers)
     res = clip_model.visual.input_resolution
-    v_b, ks = [], []
+    v_b, v_f, ks = [], [], []
     for x, y, _ in common.progress(loader, "caching v^b"):
         x, y = x.to(device), y.to(device)
         with common.autocast(device, args.amp):
-            _, X_b, k, _, _ = masked_pairs(x, S(x), y, res, args.fill)
+            X_f, X_b, k, _, _ = masked_pairs(x, S(x), y, res, args.fill)
             v_b.append(encode_images(clip_model, X_b).float().cpu())
+            v_f.append(encode_images(clip_model, X_f).float().cpu())  # apart: v^b as before, to the last bit
         ks.append(k.cpu())
-    v_b, ks = torch.cat(v_b), torch.cat(ks)
+    v_b, v_f, ks = torch.cat(v_b), torch.cat(v_f), torch.cat(ks)
     log(f"cached v^b of {len(ks)} (image, class) pairs from {len(data)} images"
         + (f" ({data.note(args.split)})" if data.left_out else ""))
     if rank == 0:
-        common.save_checkpoint({"v_b": v_b, "k": ks, "key": key}, path)
-    return v_b, ks
+        common.save_checkpoint({"v_b": v_b, "v_f": v_f, "k": ks, "key": key}, path)
+    return v_b, v_f, ks
 
 
 @torch.no_grad()
-def background_fit(u_b, u_f, v_b, k, names):
+def background_fit(u_b, u_f, v_b, v_f, k, names):
     """Per class: how well its learned prompt u^b_k and its class text u^f_k match the backgrounds of its
     pairs (mean cosine with their v^b, the similarity L_prompt^I raises). The class text's fit is the
     co-occurrence bias plus object remnants: how much the backgrounds still look like the class. u^b sits
     below it by what L_prompt^T costs; on the toy world it mostly sits below the home scenery's own text
-    too (23 of 24 classes over three runs; docs/method.md, "The toy presets", says why)."""
+    too (23 of 24 classes over three runs; docs/method.md, "The toy presets", says why).
+    And the reach of stage (c)'s L_refine from these prompts at stage (a)'s masks: the mean cosine of the
+    foregrounds v^f with u^b_k, and the share of pairs where it exceeds the clamp floor EPS of sim(), i.e.
+    where L_refine = -log(1 - sim(v^f, u^b)) has a gradient at all (below EPS the clamp makes it constant)."""
     fit = {}
     for i, n in enumerate(names):
-        vb = v_b[k == i].float()
+        vb, vf = v_b[k == i].float(), v_f[k == i].float()
+        reach = vf @ u_b[i].float()
         fit[n] = {"pairs": len(vb), "u_b": float((vb @ u_b[i].float()).mean()) if len(vb) else None,
-                  "u_f": float((vb @ u_f[i].float()).mean()) if len(vb) else None}
+                  "u_f": float((vb @ u_f[i].float()).mean()) if len(vb) else None,
+                  "refine_cos": float(reach.mean()) if len(vb) else None,
+                  "refine_live": float((reach > EPS).float().mean()) if len(vb) else None}
     return fit
 
 
@@ -135,7 +145,7 @@ def main(args):
     args.fill = match_ckpt["args"].get("fill", "mean")  # a CAM network checkpoint has no --fill: the default
     clip_model = load_frozen_clip(args.clip, device)
     u_f = class_text_features(clip_model, names)
-    v_b, k = background_cache(args, S, clip_model, K, device, log, rank)
+    v_b, v_f, k = background_cache(args, S, clip_model, K, device, log, rank)
     v_b, k = v_b.to(device), k.to(device)
     del S
 
@@ -195,9 +205,12 @@ def main(args):
     gap = (u_b * u_f).sum(-1)
     log("sim(u^b_k, u^f_k) per class: " + " ".join(f"{n} {v:.3f}" for n, v in zip(names, gap.tolist())))
     if rank == 0:  # after training, from the final u^b: nothing above (the prompts, the RNG) depends on it
-        fit = background_fit(u_b, u_f, v_b, k, names)
+        fit = background_fit(u_b, u_f, v_b, v_f.to(device), k, names)
         log("fit to the backgrounds (mean cosine with v^b of the class's pairs), u^b / class text u^f: "
             + " ".join(f"{n} {f['u_b']:.3f} / {f['u_f']:.3f}" for n, f in fit.items() if f["pairs"]))
+        log("reach of L_refine at stage (a)'s masks (mean cosine of the foregrounds v^f with u^b; share of pairs above "
+            f"the clamp {EPS:g}, the only ones L_refine moves): "
+            + " ".join(f"{n} {f['refine_cos']:.3f} ({f['refine_live']:.2f})" for n, f in fit.items() if f["pairs"]))
         near = dict(zip(names, nearest_words(clip_model, u_b, words, args.nearest_k)))
         for n, pairs in near.items():
             log(f"nearest words to u^b {n}: " + ", ".join(f"{w} {c:.3f}" for w, c in pairs))

@@ -200,8 +200,9 @@ def test_stage_b_keeps_the_nearest_words(small_run, toy_world):
 
 
 def test_stage_b_keeps_each_prompts_fit_to_its_backgrounds(small_run, toy_world):
-    """prompts.pt's `fit`, recomputed from stage (b)'s own cache of background features: the mean cosine of
-    u^b_k and of the class text with the v^b of class k's pairs; also in the log and on the page."""
+    """prompts.pt's `fit`, recomputed from stage (b)'s own cache of background and foreground features: the
+    mean cosine of u^b_k and of the class text with the v^b of class k's pairs, and L_refine's reach (the mean
+    cosine of their v^f with u^b_k, the share above the clamp); also in the log and on the page."""
     out, names = small_run["out"], toy_world["class_names"]
     ckpt = torch.load(out / "prompt" / "prompts.pt", weights_only=True)
     cache = torch.load(out / "prompt" / "cache.pt", weights_only=True)
@@ -214,8 +215,14 @@ def test_stage_b_keeps_each_prompts_fit_to_its_backgrounds(small_run, toy_world)
         assert f["pairs"] == len(v_b) > 0  # every class is in the toy train_aug list
         assert f["u_b"] == pytest.approx(float((v_b @ ckpt["u_b"][i]).mean()), abs=1e-5)
         assert f["u_f"] == pytest.approx(float((v_b @ u_f[i]).mean()), abs=1e-5)
+        reach = cache["v_f"][cache["k"] == i] @ ckpt["u_b"][i]  # the foregrounds of stage (a)'s masks
+        assert f["refine_cos"] == pytest.approx(float(reach.mean()), abs=1e-5)
+        assert f["refine_live"] == pytest.approx(float((reach > 1e-4).float().mean()), abs=1e-6)
         assert f" {n} {f['u_b']:.3f} / {f['u_f']:.3f}" in log
-        assert f"<td>{n}</td><td>{f['pairs']}</td><td>{f['u_b']:.3f}</td><td>{f['u_f']:.3f}</td>" in small_run["html"]
+        assert f" {n} {f['refine_cos']:.3f} ({f['refine_live']:.2f})" in log
+        assert (f"<td>{n}</td><td>{f['pairs']}</td><td>{f['u_b']:.3f}</td><td>{f['u_f']:.3f}</td>"
+                f"<td>{small_run['rep']['prompt_class_cosine'][n]:.3f}</td><td>{f['refine_cos']:.3f}</td>"
+                f"<td>{f['refine_live']:.2f}</td>") in small_run["html"]
     assert small_run["rep"]["prompt_fit"] == ckpt["fit"]
 
 
