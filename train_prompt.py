@@ -124,11 +124,13 @@ def background_fit(u_b, u_f, v_b, v_f, k, names):
     fit = {}
     for i, n in enumerate(names):
         vb, vf = v_b[k == i].float(), v_f[k == i].float()
+        if not len(vb):  # a class with no pair in the split: nothing to measure
+            fit[n] = {"pairs": 0, "u_b": None, "u_f": None, "refine_cos": None, "refine_live": None}
+            continue
         reach = vf @ u_b[i].float()
-        fit[n] = {"pairs": len(vb), "u_b": float((vb @ u_b[i].float()).mean()) if len(vb) else None,
-                  "u_f": float((vb @ u_f[i].float()).mean()) if len(vb) else None,
-                  "refine_cos": float(reach.mean()) if len(vb) else None,
-                  "refine_live": float((reach > EPS).float().mean()) if len(vb) else None}
+        fit[n] = {"pairs": len(vb), "u_b": float((vb @ u_b[i].float()).mean()),
+                  "u_f": float((vb @ u_f[i].float()).mean()), "refine_cos": float(reach.mean()),
+                  "refine_live": float((reach > EPS).float().mean())}
     return fit
 
 
