@@ -1,4 +1,5 @@
 """Tests of the clip/ package. Oracles: open_clip (model + tokenizer), torchvision, plain arithmetic."""
+import copy
 import hashlib
 import pickle
 import shutil
@@ -7,6 +8,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import clip
@@ -122,6 +124,31 @@ def test_patch_features(tmp_path):
     rn = clip.CLIP(64, 64, (1, 1, 1, 1), 32, None, 77, 49408, 64, 1, 1)
     with pytest.raises(ValueError, match="ViT"):
         rn.encode_image_patches(torch.randn(1, 3, 64, 64))
+
+def test_patchify_gradients_are_the_convolutions(tiny, monkeypatch):
+    """On CPU an image that needs a gradient (stages a and c) goes through clip.model._Patchify: the features
+    and the gradients of the image and of conv1's weight are those of torch's own convolution (the oracle:
+    the same model with _Patchify replaced by F.conv2d); an image without a gradient never takes it."""
+    model = copy.deepcopy(tiny[0])
+    weight = model.visual.conv1.weight.requires_grad_(True)
+    x, w = torch.randn(5, 3, 32, 32, requires_grad=True), torch.randn(5, 32)
+    calls, fast_apply = [], clip.model._Patchify.apply
+
+    def run():
+        out = model.encode_image(x)
+        return out, torch.autograd.grad((out * w).sum(), [x, weight])
+    monkeypatch.setattr(clip.model._Patchify, "apply", lambda *a: calls.append(1) or fast_apply(*a))
+    fast, fast_grads = run()
+    with torch.no_grad():
+        model.encode_image(x.detach())
+    assert len(calls) == 1
+    monkeypatch.setattr(clip.model._Patchify, "apply", lambda x, w: F.conv2d(x, w, stride=w.shape[-1]))
+    ref, ref_grads = run()
+    assert torch.equal(fast, ref)
+    for a, b in zip(fast_grads, ref_grads):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
 
 # ---------------------------------------------------------------- tokenizer
 
