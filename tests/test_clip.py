@@ -125,6 +125,7 @@ def test_patch_features(tmp_path):
     with pytest.raises(ValueError, match="ViT"):
         rn.encode_image_patches(torch.randn(1, 3, 64, 64))
 
+
 def test_patchify_gradients_are_the_convolutions(tiny, monkeypatch):
     """On CPU an image that needs a gradient (stages a and c) goes through clip.model._Patchify: the features
     and the gradients of the image and of conv1's weight are those of torch's own convolution (the oracle:
