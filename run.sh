@@ -126,7 +126,7 @@ if [ -n "${MAKE_TOY:-}" ]; then  # every time: make_toy reuses a world made with
   echo "== toy: $PY make_toy.py --out $DATA ${TOY_ARGS:-}"  # and remakes one made by an older make_toy
   "$PY" make_toy.py --out "$DATA" --part dataset ${TOY_ARGS:-}
   # The tiny CLIP trains on one thread (minutes) while the CAM network, which needs no CLIP, trains too: the
-  # same files; 18 s less on 2 cores, where the two slow each other down (README). Its output is shown once done.
+  # same files; on 2 cores the two slow each other down (beside_clip, below, eases it). Its output is shown once done.
   "$PY" make_toy.py --out "$DATA" --part clip ${TOY_ARGS:-} > "$OUT/make_toy.log" 2>&1 &
   TOY_JOB=$!
   trap '[ -z "$TOY_JOB" ] || kill "$TOY_JOB" 2>/dev/null || true' EXIT  # run.sh stopped early: stop it too
