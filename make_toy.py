@@ -578,7 +578,8 @@ def _fix_geometry(model, rho, kappa, seed):
     H = (torch.eye(D) + (kappa - 1) * (torch.outer(d_t, d_t) + torch.outer(e, e))
          + s * (torch.outer(d_t, e) - torch.outer(e, d_t)))
     with torch.no_grad():
-        for ln, proj, rot in ((model.ln_final, model.text_projection, Q), (model.visual.ln_post, model.visual.proj, Q @ H)):
+        towers = ((model.ln_final, model.text_projection, Q), (model.visual.ln_post, model.visual.proj, Q @ H))
+        for ln, proj, rot in towers:
             ln.weight.fill_(1.0)
             ln.bias.fill_(math.sqrt(rho / (1 - rho)))
             proj.copy_(rot / math.sqrt(W))
@@ -810,9 +811,9 @@ def get_parser():
     p.add_argument("--scene_hole_frac", type=float, default=0.5,
                    help="share of those scenery samples shown with a flat hole where an object was cut out")
     p.add_argument("--cone", type=common.unit_below_one, default=0.0,
-                   help="experiment, off (0) by default: real CLIP's feature geometry, each feature this share (rho) in "
-                        "its modality's fixed shared direction (0.75: text-text cosines near 0.75, image-text 0.1-0.35, "
-                        "as ViT-B/32; docs/method.md, 'The toy presets')")
+                   help="experiment, off (0) by default: real CLIP's feature geometry, each feature this share (rho) "
+                        "in its modality's fixed shared direction (0.75: text-text cosines near 0.75, image-text "
+                        "0.1-0.35, as ViT-B/32; docs/method.md, 'The toy presets')")
     p.add_argument("--gap_cos", type=common.unit_float, default=0.2,
                    help="with --cone: cosine of the image and the text shared directions (kappa)")
     p.add_argument("--threads", type=int, default=1,
