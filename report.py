@@ -1,7 +1,8 @@
 """One page that shows what a SemPLeS run did: OUT/report.html with the results table, the loss curves of
 every stage, a CAM grid per stage (paper Figs. 3 and 6), the region maps of the learned background prompts
-against the class texts (Fig. 5) with the share of their mass on background and object, and the words
-nearest to each learned prompt. run.sh runs it last.
+against the class texts (Fig. 5) with the share of their mass on background and object, where each class's
+pseudo masks go wrong (spilled onto background, missed) and the words nearest to each learned prompt. run.sh
+runs it last.
 
     python report.py --dataset toy --data data/toy --out out/toy --n 6
     python report.py --dataset voc --out out/voc --device cuda
@@ -29,6 +30,10 @@ Where SemPLeS's pseudo masks lose: the --losses (image, class) pairs of --split 
 pixels grow most from stage (a)'s pseudo masks (seeds_a/masks) to SemPLeS's (seeds_c/masks), each with the
 class's pseudo-mask IoU over the list with and without that image (a dataset's IoU sums pixels over its
 images, so one image can move a class by many points), and a CAM grid of those images.
+
+Where the pseudo masks go wrong: per class and stage, from the confusion matrix in seeds_*/mask.json, the
+pixels labelled with the class whose truth is background (spill), those of another class, and the class's own
+pixels missed, each as a multiple of the class's ground-truth area.
 
 Nearest words: those stage (b) kept in prompts.pt (computed here from words.txt for an older prompts.pt);
 on a toy world also among the words its CLIP was trained on (classes and backgrounds), with the rank of
@@ -299,6 +304,28 @@ def pseudo_losses(args, ids, names, k):
     return rows
 
 
+def error_breakdown(out, names):
+    """Where each stage's pseudo masks of the list go wrong, per class, from the confusion matrix (rows ground
+    truth, columns prediction) that the seeds step's eval_miou.py keeps in seeds_*/mask.json: the pixels
+    labelled k whose truth is background ("spill": a map lit by the class's usual background adds these, and
+    SemPLeS's prompts are meant to take them away), those whose truth is another class, and k's own pixels
+    labelled anything else ("missed"), each as a multiple of k's ground-truth area."""
+    rows = {n: {} for n in names}
+    for stage, (d, _) in STAGES.items():
+        path = os.path.join(out, d, "mask.json")
+        m = read_json(path, "run.sh's seeds step writes it")
+        if m.get("class_names") != ["background"] + list(names):
+            raise ValueError(f"{path} scores classes {m.get('class_names')}, the dataset has {names}: rerun run.sh")
+        conf = np.asarray(m["confusion"], np.int64)
+        for v, n in enumerate(names, 1):
+            area = int(conf[v].sum())
+            rows[n]["area"] = area
+            rows[n][stage] = None if area == 0 else {
+                "spill": float(conf[0, v]) / area, "other": float(conf[1:, v].sum() - conf[v, v]) / area,
+                "missed": float(area - conf[v, v]) / area}
+    return rows
+
+
 @torch.no_grad()
 def patch_softmax(clip_model, images, texts, device, dense):
     """For each image (uint8 [H, W, 3]) and text feature [T, D]: a softmax over CLIP's patches of
@@ -416,6 +443,20 @@ def losses_section(rep):
                            for r in rows])]
 
 
+def errors_section(rep):
+    err = rep["errors"]
+    cols = [(kind, k) for kind in ("spill", "other", "missed") for k in STAGES]
+    return ["<h2>Where the pseudo masks go wrong, per class</h2>",
+            "<p>From each stage's pseudo masks of the list (seeds_*/mask.json), as multiples of the class's "
+            "ground-truth area: <b>spill</b>, pixels labelled with the class that are background (what a map lit "
+            "by the class's usual background adds, and what SemPLeS's prompts are meant to take away); "
+            "<b>other</b>, pixels of other classes labelled with it; <b>missed</b>, its own pixels labelled "
+            "otherwise.</p>",
+            table(["class", "ground-truth pixels"] + [f"{kind}, {STAGES[k][1]}" for kind, k in cols],
+                  [[n, e["area"]] + [fmt(None if e[k] is None else e[k][kind], 3) for kind, k in cols]
+                   for n, e in err.items()])]
+
+
 def maps_section(rep):
     maps = rep["prompt_maps"]
     if maps["png"] is None:
@@ -465,7 +506,7 @@ def page(rep, names):
              f"<p>dataset {html.escape(str(res.get('dataset')))}, seed {res.get('seed')}; report.json holds every "
              "number below.</p>"] + results_section(rep, names) + ["<h2>Loss curves</h2>"]
     parts += [f'<p><img src="{html.escape(p)}" alt="{s}"></p>' for s, p in rep["curves"].items()]
-    parts += grid_section(rep) + losses_section(rep) + maps_section(rep) + words_section(rep)
+    parts += grid_section(rep) + losses_section(rep) + errors_section(rep) + maps_section(rep) + words_section(rep)
     style = ("body{font-family:sans-serif;max-width:1400px;margin:auto} table{border-collapse:collapse;margin:8px 0}"
              "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} img{max-width:100%}")
     return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>SemPLeS report</title><style>{style}</style>"
@@ -501,6 +542,7 @@ def main(args):
     grid, rows = cam_grid(args, ids, names, seeds, pseudo, args.n)
     save_png(grid, os.path.join(folder, "grid.png"))
     rep["grid"] = {"png": "report/grid.png", "rows": rows}
+    rep["errors"] = error_breakdown(out, names)
     losses = pseudo_losses(args, ids, names, args.losses)
     rep["losses"] = {"png": None, "rows": losses}
     loss_png = os.path.join(folder, "losses.png")

@@ -162,6 +162,28 @@ def test_pseudo_mask_losses_come_from_the_masks(small_run, toy_world):
                                                       report.HEADER + n_rows * step + report.GAP)
 
 
+def test_error_breakdown_counts_the_pseudo_mask_pixels(small_run, toy_world):
+    """Spill, other and missed per class and stage are the pixel counts of the pseudo masks against the ground
+    truth (recounted here image by image, 255 ignored), over the class's ground-truth area; the page shows them."""
+    out, rep, names = small_run["out"], small_run["rep"], toy_world["class_names"]
+    for st in report.STAGES:
+        count = np.zeros((len(names) + 1, 4), np.int64)  # class: area, spill, other, missed
+        for i in small_run["ids"]:
+            gt = gt_of(small_run["root"], i)
+            pm = common.read_mask(str(out / f"seeds_{st}" / "masks" / f"{i}.png"))
+            for v in range(1, len(names) + 1):
+                t, p = gt == v, (pm == v) & (gt != 255)
+                count[v] += [t.sum(), (p & (gt == 0)).sum(), (p & (gt > 0) & ~t).sum(), (t & (pm != v)).sum()]
+        for v, n in enumerate(names, 1):
+            e = rep["errors"][n]
+            assert e["area"] == count[v, 0]
+            if count[v, 0] == 0:
+                assert e[st] is None
+                continue
+            assert [e[st][k] for k in ("spill", "other", "missed")] == pytest.approx(list(count[v, 1:] / count[v, 0]))
+            assert f"<td>{n}</td><td>{e['area']}</td><td>{e['cam']['spill']:.3f}</td>" in small_run["html"]
+
+
 def test_pseudo_mask_losses_on_known_masks(tmp_path):
     """Three 8x8 images: SemPLeS's mask of class 1 floods image a (48 more wrong pixels), is better than
     stage (a)'s on image b (not listed), equal on image c; the IoUs follow by hand."""
