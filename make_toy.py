@@ -241,7 +241,7 @@ def _shift_any(m, r):
     return out
 
 
-def make_image(rng, S, cooccur=0.8, multi=0.25):
+def make_image(rng, S, cooccur=0.95, multi=0.25):
     """One scene: 1-2 classes, 1-3 objects, each on its home background with probability `cooccur`.
     Returns (image uint8 [S, S, 3], mask uint8 [S, S], info dict for toy_meta.json)."""
     K = len(CLASSES)
@@ -341,7 +341,7 @@ def world_is_complete(meta, args):
     return bool(meta) and bool(meta.get("complete")) and meta.get("args") == args
 
 
-def generate_dataset(out, n_train=2000, n_val=300, n_train_subset=300, size=96, seed=0, cooccur=0.8, multi=0.25,
+def generate_dataset(out, n_train=2000, n_val=300, n_train_subset=300, size=96, seed=0, cooccur=0.95, multi=0.25,
                      force=False, quiet=False):
     """Write the toy dataset to `out` (skipped if toy_meta.json says it is complete with these args).
     Returns the toy_meta.json dict."""
@@ -741,7 +741,11 @@ def print_clip(meta):
 
 
 # The flags that shape the dataset, their defaults, and their names in toy_meta.json's "args".
-WORLD_FLAGS = dict(n_train=2000, n_val=300, n_train_subset=300, size=96, seed=0, cooccur=0.8, multi=0.25)
+# cooccur 0.95: an object sits on its home background 95% of the time. At 0.8 (the default until commit 94a820a)
+# the CAM network's pseudo masks spread farther than one cell of S's map from the object for plane and camel
+# only (and car in one run of seven measured; report.py's error table), so the background prompts had almost
+# nothing to take away; at 0.95 for 5 of the 8 classes: the spill SemPLeS is for (README, "Does SemPLeS work").
+WORLD_FLAGS = dict(n_train=2000, n_val=300, n_train_subset=300, size=96, seed=0, cooccur=0.95, multi=0.25)
 
 
 def world_args(args):

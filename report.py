@@ -1,17 +1,18 @@
 """One page that shows what a SemPLeS run did: OUT/report.html with the results table, the loss curves of
 every stage, a CAM grid per stage (paper Figs. 3 and 6), the region maps of the learned background prompts
 against the class texts (Fig. 5) with the share of their mass on background and object, where each class's
-pseudo masks go wrong (spilled onto background, missed) and the words nearest to each learned prompt. run.sh
-runs it last.
+pseudo masks go wrong (spilled onto background near the object or far from it, missed) and the words nearest
+to each learned prompt. run.sh runs it last.
 
     python report.py --dataset toy --data data/toy --out out/toy --n 6
     python report.py --dataset voc --out out/voc --device cuda
 
 Reads the run folder OUT as run.sh leaves it: results.json; {cam,match,prompt,refine,seg}/log.txt;
 seeds_{cam,a,c}/cams/*.npz and seed.json (the CAMs of the --split list made by the CAM network, stage (a)
-and SemPLeS, and each one's best threshold); seeds_{a,c}/masks/*.png (the pseudo masks of that list by
-stage (a) and SemPLeS, made as pseudo/ makes them); prompt/prompts.pt. From the dataset: the images, the
-ground truth and, for a toy world, toy_meta.json (each class's home background). Runs no network but CLIP
+and SemPLeS, and each one's best threshold); seeds_{cam,a,c}/masks/*.png and mask.json (the pseudo masks of
+that list by each, made as pseudo/ makes them, and their confusion matrix); cam/args.json (S's --size and
+--output_stride); prompt/prompts.pt. From the dataset: the images, the ground truth and, for a toy world,
+toy_meta.json (each class's home background). Runs no network but CLIP
 (--clip: the one the prompts were learned with).
 
 Grid: the first --n images of --split, one row per class present: image | ground truth | CAM of the CAM
@@ -33,7 +34,10 @@ images, so one image can move a class by many points), and a CAM grid of those i
 
 Where the pseudo masks go wrong: per class and stage, from the confusion matrix in seeds_*/mask.json, the
 pixels labelled with the class whose truth is background (spill), those of another class, and the class's own
-pixels missed, each as a multiple of the class's ground-truth area.
+pixels missed, each as a multiple of the class's ground-truth area; the spill split, from the masks, into the
+pixels within one cell of S's map (its --output_stride over its --size, of the image's side) of the class's own
+pixels in the image, the blur of a coarse map at the object's edge, and those farther away, such as the class's
+usual background, which SemPLeS's prompts are meant to take away.
 
 Nearest words: those stage (b) kept in prompts.pt (computed here from words.txt for an older prompts.pt);
 on a toy world also among the words its CLIP was trained on (classes and backgrounds), with the rank of
@@ -304,15 +308,16 @@ def pseudo_losses(args, ids, names, k):
     return rows
 
 
-def error_breakdown(out, names):
+def error_breakdown(args, ids, names):
     """Where each stage's pseudo masks of the list go wrong, per class, from the confusion matrix (rows ground
     truth, columns prediction) that the seeds step's eval_miou.py keeps in seeds_*/mask.json: the pixels
-    labelled k whose truth is background ("spill": a map lit by the class's usual background adds these, and
-    SemPLeS's prompts are meant to take them away), those whose truth is another class, and k's own pixels
-    labelled anything else ("missed"), each as a multiple of k's ground-truth area."""
+    labelled k whose truth is background ("spill"), those whose truth is another class, and k's own pixels
+    labelled anything else ("missed"), each as a multiple of k's ground-truth area. The spill is split by
+    spill_near_far (below) into what lies within one cell of S's map of k's own pixels and what lies farther."""
     rows = {n: {} for n in names}
+    near_far = spill_near_far(args, ids, names, map_cell(args.out))
     for stage, (d, _) in STAGES.items():
-        path = os.path.join(out, d, "mask.json")
+        path = os.path.join(args.out, d, "mask.json")
         m = read_json(path, "run.sh's seeds step writes it")
         if m.get("class_names") != ["background"] + list(names):
             raise ValueError(f"{path} scores classes {m.get('class_names')}, the dataset has {names}: rerun run.sh")
@@ -321,9 +326,43 @@ def error_breakdown(out, names):
             area = int(conf[v].sum())
             rows[n]["area"] = area
             rows[n][stage] = None if area == 0 else {
-                "spill": float(conf[0, v]) / area, "other": float(conf[1:, v].sum() - conf[v, v]) / area,
-                "missed": float(area - conf[v, v]) / area}
+                "spill": float(conf[0, v]) / area, "spill_near": float(near_far[stage][0, v]) / area,
+                "spill_far": float(near_far[stage][1, v]) / area,
+                "other": float(conf[1:, v].sum() - conf[v, v]) / area, "missed": float(area - conf[v, v]) / area}
     return rows
+
+
+def map_cell(out):
+    """One cell of S's map as a share of the image's side: S sees the image resized to --size and maps it at
+    --output_stride (the CAM network's args.json; stages (a) and (c) rebuild the same S)."""
+    a = read_json(os.path.join(out, "cam", "args.json"), "train_cam.py writes it")
+    return a["output_stride"] / a["size"]
+
+
+def spill_near_far(args, ids, names, cell):
+    """Each stage's spill (pixels labelled k whose truth is background) split by where it lies: within one
+    cell of S's map (`cell` of the image's height and width, each way) of k's own ground-truth pixels in the
+    image, or farther. The first is the blur of a coarse map at the object's edge, which no loss on whole
+    masked images can place; the second a region lit away from the object, such as the class's usual
+    background: what SemPLeS's background prompts are meant to take away. {stage: counts [near, far] x class
+    value}."""
+    counts = {k: np.zeros((2, len(names) + 1), np.int64) for k in STAGES}
+    for i in ids:
+        gt = common.read_mask(os.path.join(common.mask_dir(args.data), f"{i}.png"))
+        ry, rx = (math.ceil(cell * side) for side in gt.shape)
+        for stage, (d, _) in STAGES.items():
+            path = os.path.join(args.out, d, "masks", f"{i}.png")
+            pm = common.read_mask(path)
+            if pm.shape != gt.shape:
+                raise ValueError(f"{path} is {pm.shape}, its ground truth {gt.shape}: rerun run.sh's seeds step")
+            for v in np.unique(pm[gt == 0]):
+                if v == 0 or v > len(names):
+                    continue
+                own = torch.from_numpy(gt == v).float()[None, None]  # a box dilation, one axis at a time
+                own = F.max_pool2d(F.max_pool2d(own, (1, 2 * rx + 1), 1, (0, rx)), (2 * ry + 1, 1), 1, (ry, 0))
+                spill, near = (gt == 0) & (pm == v), own[0, 0].numpy() > 0
+                counts[stage][:, v] += int((spill & near).sum()), int((spill & ~near).sum())
+    return counts
 
 
 @torch.no_grad()
@@ -445,14 +484,16 @@ def losses_section(rep):
 
 def errors_section(rep):
     err = rep["errors"]
-    cols = [(kind, k) for kind in ("spill", "other", "missed") for k in STAGES]
+    kinds = {"spill_near": "spill within a cell", "spill_far": "spill farther", "other": "other", "missed": "missed"}
+    cols = [(kind, k) for kind in kinds for k in STAGES]
     return ["<h2>Where the pseudo masks go wrong, per class</h2>",
-            "<p>From each stage's pseudo masks of the list (seeds_*/mask.json), as multiples of the class's "
-            "ground-truth area: <b>spill</b>, pixels labelled with the class that are background (what a map lit "
-            "by the class's usual background adds, and what SemPLeS's prompts are meant to take away); "
-            "<b>other</b>, pixels of other classes labelled with it; <b>missed</b>, its own pixels labelled "
-            "otherwise.</p>",
-            table(["class", "ground-truth pixels"] + [f"{kind}, {STAGES[k][1]}" for kind, k in cols],
+            "<p>From each stage's pseudo masks of the list (seeds_*/mask.json and the masks), as multiples of the "
+            "class's ground-truth area: <b>spill</b>, pixels labelled with the class that are background, split "
+            "into those <b>within a cell</b> of S's map of the class's own pixels in the image (the blur of a coarse "
+            "map at the object's edge) and those <b>farther</b> (a region lit away from the object, such as the "
+            "class's usual background: what SemPLeS's prompts are meant to take away); <b>other</b>, pixels of "
+            "other classes labelled with it; <b>missed</b>, its own pixels labelled otherwise.</p>",
+            table(["class", "ground-truth pixels"] + [f"{kinds[kind]}, {STAGES[k][1]}" for kind, k in cols],
                   [[n, e["area"]] + [fmt(None if e[k] is None else e[k][kind], 3) for kind, k in cols]
                    for n, e in err.items()])]
 
@@ -542,7 +583,7 @@ def main(args):
     grid, rows = cam_grid(args, ids, names, seeds, pseudo, args.n)
     save_png(grid, os.path.join(folder, "grid.png"))
     rep["grid"] = {"png": "report/grid.png", "rows": rows}
-    rep["errors"] = error_breakdown(out, names)
+    rep["errors"] = error_breakdown(args, ids, names)
     losses = pseudo_losses(args, ids, names, args.losses)
     rep["losses"] = {"png": None, "rows": losses}
     loss_png = os.path.join(folder, "losses.png")

@@ -181,7 +181,35 @@ def test_error_breakdown_counts_the_pseudo_mask_pixels(small_run, toy_world):
                 assert e[st] is None
                 continue
             assert [e[st][k] for k in ("spill", "other", "missed")] == pytest.approx(list(count[v, 1:] / count[v, 0]))
-            assert f"<td>{n}</td><td>{e['area']}</td><td>{e['cam']['spill']:.3f}</td>" in small_run["html"]
+            assert e[st]["spill_near"] + e[st]["spill_far"] == pytest.approx(e[st]["spill"])
+            assert f"<td>{n}</td><td>{e['area']}</td><td>{e['cam']['spill_near']:.3f}</td>" in small_run["html"]
+
+
+def test_spill_splits_at_one_cell_of_the_map(tmp_path):
+    """S maps a 16-px input at stride 2, so one cell is 1/8 of the side: 2 px of a 16 x 16 image. Class 1's
+    mask spills a 1-px ring around its object (near), a column of 2 pixels 2 px from it (near: the box reaches
+    2 px) and one 3 px from it (far), and a 2 x 2 block far off; a 255 pixel in the ring counts nowhere. Class 2, not in the image, spills
+    3 pixels: far, as nothing of it is near. The CAM network's mask is exact: nothing spills."""
+    gt = np.zeros((16, 16), np.uint8)
+    gt[4:8, 4:8] = 1
+    gt[3, 3] = 255
+    pm = gt.copy()
+    pm[3:9, 3:9] = 1  # a ring of 20 pixels around the 4 x 4 object, one of them 255
+    pm[5:7, 9:11] = 1  # columns 9 and 10: 2 and 3 px right of the object's last column (7)
+    pm[13:15, 13:15] = 1  # far
+    pm[0, 0:3] = 2
+    for folder in ("SegmentationClass", "out/cam", "out/seeds_cam/masks", "out/seeds_a/masks", "out/seeds_c/masks"):
+        (tmp_path / folder).mkdir(parents=True)
+    Image.fromarray(gt, "L").save(tmp_path / "SegmentationClass" / "a.png")
+    for st, m in (("cam", np.where(gt == 255, 0, gt).astype(np.uint8)), ("a", pm), ("c", pm)):
+        Image.fromarray(m, "L").save(tmp_path / "out" / f"seeds_{st}" / "masks" / "a.png")
+    (tmp_path / "out" / "cam" / "args.json").write_text(json.dumps({"size": 16, "output_stride": 2}))
+    assert report.map_cell(str(tmp_path / "out")) == 1 / 8
+    args = report.build_parser().parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "out")])
+    counts = report.spill_near_far(args, ["a"], ["x", "y"], 1 / 8)
+    assert counts["cam"].tolist() == [[0, 0, 0], [0, 0, 0]]
+    for st in ("a", "c"):
+        assert counts[st].tolist() == [[0, 19 + 2, 0], [0, 2 + 4, 3]], st  # [near, far] x class value
 
 
 def test_pseudo_mask_losses_on_known_masks(tmp_path):
