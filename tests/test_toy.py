@@ -83,7 +83,7 @@ def test_cooccurrence_matches_the_flag(toy_world):
     rate = np.mean([o["surround"] == make_toy.HOME[o["cls"]] for o in objs])
     assert abs(rate - 0.8) < 0.12, rate
     for flag in (0.3, 0.95):  # more images, not written to disk
-        infos = [make_toy.make_image(np.random.default_rng([7, i]), 48, flag)[2] for i in range(200)]
+        infos = [make_toy.make_image(np.random.default_rng([7, i]), 48, flag, 0.25)[2] for i in range(200)]
         objs = [o for info in infos for o in info["objects"]]
         rate = np.mean([o["surround"] == make_toy.HOME[o["cls"]] for o in objs])
         assert abs(rate - flag) < 0.08, (flag, rate)
