@@ -188,8 +188,9 @@ def test_error_breakdown_counts_the_pseudo_mask_pixels(small_run, toy_world):
 def test_spill_splits_at_one_cell_of_the_map(tmp_path):
     """S maps a 16-px input at stride 2, so one cell is 1/8 of the side: 2 px of a 16 x 16 image. Class 1's
     mask spills a 1-px ring around its object (near), a column of 2 pixels 2 px from it (near: the box reaches
-    2 px) and one 3 px from it (far), and a 2 x 2 block far off; a 255 pixel in the ring counts nowhere. Class 2, not in the image, spills
-    3 pixels: far, as nothing of it is near. The CAM network's mask is exact: nothing spills."""
+    2 px) and one 3 px from it (far), and a 2 x 2 block far off; a 255 pixel in the ring counts nowhere.
+    Class 2, not in the image, spills 3 pixels: far, as nothing of it is near. The CAM network's mask is
+    exact: nothing spills."""
     gt = np.zeros((16, 16), np.uint8)
     gt[4:8, 4:8] = 1
     gt[3, 3] = 255
