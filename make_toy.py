@@ -341,10 +341,9 @@ def world_is_complete(meta, args):
     return bool(meta) and bool(meta.get("complete")) and meta.get("args") == args
 
 
-def generate_dataset(out, n_train=2000, n_val=300, n_train_subset=300, size=96, seed=0, cooccur=0.95, multi=0.25,
-                     force=False, quiet=False):
-    """Write the toy dataset to `out` (skipped if toy_meta.json says it is complete with these args).
-    Returns the toy_meta.json dict."""
+def generate_dataset(out, n_train, n_val, n_train_subset, size, seed, cooccur, multi, force=False, quiet=False):
+    """Write the toy dataset to `out` (skipped if toy_meta.json says it is complete with these args; the
+    defaults of the world's flags are WORLD_FLAGS, below). Returns the toy_meta.json dict."""
     args = dataset_args(n_train, n_val, n_train_subset, size, seed, cooccur, multi)
     meta_path = os.path.join(out, "toy_meta.json")
     old = _read_json(meta_path)
