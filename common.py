@@ -6,11 +6,13 @@ The algorithm itself (S, the masked CLIP samples, the three losses, the prompts)
 """
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -565,6 +567,9 @@ def cosine_lr(base_lr, step, total_steps, warmup_steps=0):
 # ----------------------------------------------------------------------------------------------
 # Files: atomic writes, checkpoints, logs
 # ----------------------------------------------------------------------------------------------
+DISK_NEARLY_FULL = 16 * 2**20  # bytes; below this a failed write is blamed on the disk
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary name beside `path`; rename it onto `path` only if the block succeeds, so a
@@ -579,6 +584,15 @@ def atomic_path(path):
     try:
         yield tmp
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # A full disk surfaces as torch's "unexpected pos" or an iostream error that names neither the file nor
+        # the cause (seen in CI); say both. Checked before the partial file is removed, while the disk is full.
+        free = shutil.disk_usage(folder).free
+        if getattr(e, "errno", None) == errno.ENOSPC or free < DISK_NEARLY_FULL:
+            raise OSError(errno.ENOSPC, f"could not write {path}: its disk is full ({free / 2**20:.0f} MiB free "
+                                        f"with {os.path.getsize(tmp) / 2**20:.0f} MiB of the file written); free "
+                                        f"space there or write the outputs elsewhere (--out)") from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

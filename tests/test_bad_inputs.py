@@ -246,3 +246,26 @@ def test_voc_settings_with_the_tiny_clip(w, tmp_path):
     stage("train_match", ["--dataset", "voc", "--device", "cpu", "--workers", 0, "--data", w["root"], "--clip",
                           w["clip"], "--init", w["S"], "--out", tmp_path / "a", "--epochs", 1, "--batch_size", 16])
     assert torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["done"]
+
+
+def test_a_full_disk_is_named_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    """torch.save on a full disk fails with "unexpected pos" (CI saw it); the error must name the file and the
+    cause, and the half-written temporary file must go. A failed write on a disk with room keeps its own error."""
+    path = tmp_path / "ckpt" / "checkpoint.pt"
+
+    def full_disk_save(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"\0" * 3 * 2**20)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 72224064 vs 72223960")
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    Usage = type(shutil.disk_usage(tmp_path))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
+    with pytest.raises(OSError, match=r"could not write .*checkpoint\.pt: its disk is full \(1 MiB free with 3 MiB"):
+        common.save_checkpoint({"w": torch.zeros(3)}, str(path))
+    assert os.listdir(path.parent) == []
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10 * 2**30, 2**30, 9 * 2**30))
+    with pytest.raises(RuntimeError, match="unexpected pos") as e:
+        common.save_checkpoint({"w": torch.zeros(3)}, str(path))
+    assert not isinstance(e.value, OSError) and os.listdir(path.parent) == []
