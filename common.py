@@ -129,14 +129,15 @@ def parse_args(parser, presets, argv=None):
 
 
 def run_cli(main, parser, presets):
-    """A stage's command line: parse, then main(args). A ValueError or FileNotFoundError (the clear messages
-    our checks raise for bad input) ends as `script: error: message` with exit status 1, not a traceback;
+    """A stage's command line: parse, then main(args). A ValueError, FileNotFoundError or full disk (the clear
+    messages our checks raise) ends as `script: error: message` with exit status 1, not a traceback;
     SEMPLES_TRACEBACK=1 shows the traceback."""
     args = parse_args(parser, presets)
     try:
         return main(args)
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("SEMPLES_TRACEBACK"):
+    except (ValueError, OSError) as e:
+        clear = isinstance(e, (ValueError, FileNotFoundError)) or e.errno == errno.ENOSPC
+        if not clear or os.environ.get("SEMPLES_TRACEBACK"):
             raise
         parser.exit(1, f"{parser.prog}: error: {e}\n")
 

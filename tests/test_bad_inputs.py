@@ -248,7 +248,7 @@ def test_voc_settings_with_the_tiny_clip(w, tmp_path):
     assert torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["done"]
 
 
-def test_a_full_disk_is_named_and_leaves_no_partial_file(tmp_path, monkeypatch):
+def test_a_full_disk_is_named_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
     """torch.save on a full disk fails with "unexpected pos" (CI saw it); the error must name the file and the
     cause, and the half-written temporary file must go. A failed write on a disk with room keeps its own error."""
     path = tmp_path / "ckpt" / "checkpoint.pt"
@@ -269,3 +269,15 @@ def test_a_full_disk_is_named_and_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="unexpected pos") as e:
         common.save_checkpoint({"w": torch.zeros(3)}, str(path))
     assert not isinstance(e.value, OSError) and os.listdir(path.parent) == []
+
+    # A stage's command line ends on it with one line naming the file, like any bad input.
+    def main(args):
+        common.save_checkpoint({"w": torch.zeros(3)}, str(path))
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10 * 2**30, 10 * 2**30, 0))
+    monkeypatch.setattr(sys, "argv", ["stage.py"])
+    parser = common.new_parser("a stage")
+    with pytest.raises(SystemExit) as e:
+        common.run_cli(main, parser, {"voc": {}})
+    assert e.value.code == 1
+    assert "stage.py: error: [Errno 28] could not write" in capsys.readouterr().err
