@@ -590,9 +590,10 @@ def atomic_path(path):
         # the cause (seen in CI); say both. Checked before the partial file is removed, while the disk is full.
         free = shutil.disk_usage(folder).free
         if getattr(e, "errno", None) == errno.ENOSPC or free < DISK_NEARLY_FULL:
+            written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
             raise OSError(errno.ENOSPC, f"could not write {path}: its disk is full ({free / 2**20:.0f} MiB free "
-                                        f"with {os.path.getsize(tmp) / 2**20:.0f} MiB of the file written); free "
-                                        f"space there or write the outputs elsewhere (--out)") from e
+                                        f"with {written / 2**20:.0f} MiB of the file written); free space there "
+                                        f"or write the outputs elsewhere (--out)") from e
         raise
     finally:
         if os.path.exists(tmp):
