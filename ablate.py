@@ -7,8 +7,8 @@ Every stage (c) run starts from stage (a)'s S, as the pipeline's does; lambda 0 
 with L_match alone (the control for what L_refine adds). The joint run has no stage (a): it starts from the
 CAM network.
 
-Toy world (2-core CPU; about an hour a seed at one thread with other jobs on the cores, not timed alone;
-data/toy must exist: `python make_toy.py`):
+Toy world (2-core CPU: 27 min a seed alone at torch's two threads, about 80 min for three; data/toy must
+exist: `python make_toy.py`):
     python ablate.py --dataset toy --seeds 0 1 2 --out out/toy_ablate
 
 It runs the stage scripts as a user would (train_cam, train_match, train_prompt, train_refine, make_pseudo
