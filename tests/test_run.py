@@ -92,9 +92,9 @@ def test_run_sh_never_writes_into_a_users_dataset(tmp_path):
 
 def test_run_sh_on_a_foreign_world(toy_world, tmp_path):
     """A VOC-layout folder that make_toy did not make: VOC's own lists (train and val, no train_aug), other class
-    names, a few images whose masks hold no class, some PNG images, and a CLIP of other widths given as a bare
-    OpenAI state dict. run.sh trains on train.txt, leaves the empty images out, writes nothing into the folder and
-    prints the table."""
+    names, a few images whose masks hold no class, some PNG images, some of other sizes (not square), and a CLIP
+    of other widths given as a bare OpenAI state dict. run.sh trains on train.txt, leaves the empty images out,
+    writes nothing into the folder and prints the table."""
     import numpy as np
     from PIL import Image
 
@@ -114,6 +114,15 @@ def test_run_sh_on_a_foreign_world(toy_world, tmp_path):
         jpg = world / "JPEGImages" / f"{i}.jpg"
         Image.open(jpg).save(jpg.with_suffix(".png"))
         jpg.unlink()
+    val = common.read_ids(str(world), "val")
+    def odd_size(n):
+        return (50 + 13 * n, 90 - 7 * n) if n % 2 else (96 - 9 * n, 44 + 11 * n)
+    for n, i in enumerate(train[5:9] + val[:2]):  # and of other sizes, not square, as photos are
+        size = odd_size(n)
+        jpg = world / "JPEGImages" / f"{i}.jpg"
+        Image.open(jpg).resize(size, Image.BILINEAR).save(jpg)
+        mask = world / "SegmentationClass" / f"{i}.png"
+        Image.open(mask).resize(size, Image.NEAREST).save(mask)
     torch.manual_seed(0)
     clip = CLIP(embed_dim=40, image_resolution=48, vision_layers=2, vision_width=48, vision_patch_size=8,
                 context_length=24, vocab_size=49408, transformer_width=32, transformer_heads=2, transformer_layers=2)
@@ -131,6 +140,8 @@ def test_run_sh_on_a_foreign_world(toy_world, tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert all(0 <= results[key]["seed_miou"] <= 100 for key in ("cam", "a", "c"))
     assert sorted(str(p.relative_to(world)) for p in world.rglob("*")) == before
+    for n, i in enumerate(train[5:9]):  # pseudo masks come at each image's own size
+        assert Image.open(tmp_path / "out" / "seeds_c" / "masks" / f"{i}.png").size == odd_size(n)
 
 
 def test_run_sh_refuses_unknown_flags_and_missing_data(tmp_path):
