@@ -200,11 +200,16 @@ def read_ids(root, split):
 
 
 def read_class_names(root, dataset="toy"):
-    """Foreground class names: `root/class_names.txt` if present (toy), else the VOC/COCO list."""
+    """Foreground class names: `root/class_names.txt` if present (toy), else the VOC/COCO list. A first line
+    naming the background ("background", "_background_", as labelme's and other VOC-style lists begin) is
+    skipped: mask index 0 is the background either way, and counting it as a class would shift every other."""
     path = os.path.join(check_root(root), "class_names.txt")
     if os.path.exists(path):
         with open(path) as f:
-            return [line.strip() for line in f if line.strip()]
+            names = [line.strip() for line in f if line.strip()]
+        if names and names[0].strip("_").lower() == "background":
+            names = names[1:]
+        return names
     if dataset in ("voc", "coco"):
         return list(VOC_CLASSES if dataset == "voc" else COCO_CLASSES)
     raise FileNotFoundError(f"{path} not found and dataset '{dataset}' has no built-in class list")

@@ -281,3 +281,12 @@ def test_a_full_disk_is_named_and_leaves_no_partial_file(tmp_path, monkeypatch, 
         common.run_cli(main, parser, {"voc": {}})
     assert e.value.code == 1
     assert "stage.py: error: [Errno 28] could not write" in capsys.readouterr().err
+
+
+def test_a_background_line_in_class_names_is_not_a_class(tmp_path):
+    """VOC-style lists (labelme's, imgviz's) begin with the background; mask index k is still class k."""
+    for first in ("_background_", "background", "__Background__"):
+        (tmp_path / "class_names.txt").write_text(f"{first}\nboat\ncamel\n")
+        assert common.read_class_names(str(tmp_path)) == ["boat", "camel"]
+    (tmp_path / "class_names.txt").write_text("boat\nbackground\n")  # only a first line is the background's
+    assert common.read_class_names(str(tmp_path)) == ["boat", "background"]

@@ -92,9 +92,9 @@ def test_run_sh_never_writes_into_a_users_dataset(tmp_path):
 
 def test_run_sh_on_a_foreign_world(toy_world, tmp_path):
     """A VOC-layout folder that make_toy did not make: VOC's own lists (train and val, no train_aug), other class
-    names, a few images whose masks hold no class, some PNG images, some of other sizes (not square), and a CLIP
-    of other widths given as a bare OpenAI state dict. run.sh trains on train.txt, leaves the empty images out,
-    writes nothing into the folder and prints the table."""
+    names (the list begun with the background, as labelme writes it), a few images whose masks hold no class, some
+    PNG images, some of other sizes (not square), and a CLIP of other widths given as a bare OpenAI state dict.
+    run.sh trains on train.txt, leaves the empty images out, writes nothing into the folder and prints the table."""
     import numpy as np
     from PIL import Image
 
@@ -105,7 +105,8 @@ def test_run_sh_on_a_foreign_world(toy_world, tmp_path):
     for name in ("JPEGImages", "SegmentationClass", "ImageSets"):
         shutil.copytree(os.path.join(toy_world["root"], name), world / name)
     (world / "ImageSets" / "Segmentation" / "train_aug.txt").unlink()
-    (world / "class_names.txt").write_text("".join(f"thing{k}\n" for k in range(toy_world["num_classes"])))
+    things = [f"thing{k}" for k in range(toy_world["num_classes"])]
+    (world / "class_names.txt").write_text("".join(f"{n}\n" for n in ["_background_"] + things))  # labelme's way
     train = common.read_ids(str(world), "train")
     for i in train[:2]:
         h, w, _ = common.read_image(common.image_path(str(world), i)).shape
@@ -139,6 +140,8 @@ def test_run_sh_on_a_foreign_world(toy_world, tmp_path):
         assert "--split train " in (tmp_path / "out" / ".done" / step).read_text(), step
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert all(0 <= results[key]["seed_miou"] <= 100 for key in ("cam", "a", "c"))
+    scored = json.loads((tmp_path / "out" / "seeds_c" / "seed.json").read_text())["class_names"]
+    assert scored == ["background"] + things  # the list's own background line is not a class
     assert sorted(str(p.relative_to(world)) for p in world.rglob("*")) == before
     for n, i in enumerate(train[5:9]):  # pseudo masks come at each image's own size
         assert Image.open(tmp_path / "out" / "seeds_c" / "masks" / f"{i}.png").size == odd_size(n)
