@@ -271,15 +271,22 @@ def read_image(path):
 
 
 def read_mask(path):
-    """Class-index map (uint8 HxW) from a palette or grey PNG. RGB-coloured masks are refused, because
-    turning colours back into indices silently is how label bugs start."""
+    """Class-index map (uint8 HxW) from a palette, grey or 16-bit grey PNG (as OpenCV writes a uint16 array).
+    RGB-coloured masks are refused, because turning colours back into indices silently is how label bugs
+    start."""
     _need(path, "mask")
     try:
         with Image.open(path) as im:
-            if im.mode not in ("P", "L"):
-                raise ValueError(f"mask {path} has mode {im.mode}; expected a palette (P) or grey (L) PNG "
-                                 "holding class indices")
-            return np.asarray(im)
+            if im.mode in ("P", "L"):
+                return np.asarray(im)
+            if im.mode.startswith("I"):
+                m = np.asarray(im)
+                if m.size and (m.min() < 0 or m.max() > 255):
+                    raise ValueError(f"mask {path} holds values {m.min()}..{m.max()}; class indices must lie in "
+                                     "0..255 (0 background, 255 ignored)")
+                return m.astype(np.uint8)
+            raise ValueError(f"mask {path} has mode {im.mode}; expected a palette (P) or grey (L) PNG "
+                             "holding class indices")
     except OSError as e:
         raise ValueError(f"cannot read mask {path} ({e})") from e
 

@@ -290,3 +290,21 @@ def test_a_background_line_in_class_names_is_not_a_class(tmp_path):
         assert common.read_class_names(str(tmp_path)) == ["boat", "camel"]
     (tmp_path / "class_names.txt").write_text("boat\nbackground\n")  # only a first line is the background's
     assert common.read_class_names(str(tmp_path)) == ["boat", "background"]
+
+
+def test_masks_are_read_as_class_indices_or_refused(tmp_path):
+    """Palette, grey and 16-bit grey PNGs hold the same indices; RGB colours and indices past 255 are refused,
+    naming the file."""
+    from PIL import Image
+    m = np.array([[0, 1, 2], [3, 255, 0]], np.uint8)
+    for name, im in [("p", Image.fromarray(m, "L").convert("P")), ("l", Image.fromarray(m)),
+                     ("i16", Image.fromarray(m.astype(np.uint16)))]:
+        im.save(tmp_path / f"{name}.png")
+        got = common.read_mask(str(tmp_path / f"{name}.png"))
+        assert got.dtype == np.uint8 and (got == m).all(), name
+    Image.fromarray(np.full((2, 3), 300, np.uint16)).save(tmp_path / "big.png")
+    Image.fromarray(np.stack([m] * 3, -1)).save(tmp_path / "rgb.png")
+    for name, fragment in [("big", "0..255"), ("rgb", "has mode RGB")]:
+        with pytest.raises(ValueError, match=fragment) as e:
+            common.read_mask(str(tmp_path / f"{name}.png"))
+        assert f"{name}.png" in str(e.value)
