@@ -69,6 +69,14 @@ if [ "$DATASET" = toy ] && [ -z "${MAKE_TOY:-}" ] && [ ! -f "$DATA/ImageSets/Seg
   TRAIN_LIST=train SPLIT_FLAG=(--split train)
   echo "run.sh: $DATA/ImageSets/Segmentation has no train_aug.txt: training on train.txt"
 fi
+if [ "$DATASET" = toy ] && [ -z "${MAKE_TOY:-}" ]; then  # say what a user's folder lacks now, not after the stages
+  LISTS=("train.txt (the list the seeds and pseudo masks are scored on): add it")
+  [ "$SEG" = 1 ] && LISTS+=("val.txt (the list the segmenter is scored on): add it, or pass --no-seg")
+  for LIST in "${LISTS[@]}"; do
+    [ -f "$DATA/ImageSets/Segmentation/${LIST%% *}" ] || {
+      echo "run.sh: $DATA/ImageSets/Segmentation has no $LIST" >&2; exit 2; }
+  done
+fi
 # DATA/clusters.json of a toy world is written by its make_toy step: it may not exist yet
 [ -z "$CLUSTERS" ] || [ -f "$CLUSTERS" ] || { [ -n "${MAKE_TOY:-}" ] && [ "$CLUSTERS" = "$DATA/clusters.json" ]; } || {
   echo "run.sh: --clusters file $CLUSTERS not found (clusters/voc.json, clusters/coco.json, DATA/clusters.json)" >&2

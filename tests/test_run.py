@@ -88,6 +88,23 @@ def test_run_sh_never_writes_into_a_users_dataset(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "neither a make_toy world" in proc.stderr
     assert sorted(os.listdir(user)) == ["JPEGImages"]
+    # a folder without the lists the run is scored on is refused before any stage runs
+    (user / "class_names.txt").write_text("boat\n")
+    (user / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (user / "ImageSets" / "Segmentation" / "train.txt").write_text("a\n")
+    for extra, fragment in [([], "has no val.txt (the list the segmenter is scored on): add it, or pass --no-seg"),
+                            (["--no-seg"], None)]:
+        proc = subprocess.run(["bash", os.path.join(REPO, "run.sh"), "--toy", str(user), "--out", str(tmp_path / "o"),
+                               "--device", "nope"] + extra, capture_output=True, text=True)
+        if fragment:
+            assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr
+        else:  # past the list check: the first stage's --device check stops it
+            assert "has no val.txt" not in proc.stderr and "--device" in proc.stderr, proc.stderr
+    (user / "ImageSets" / "Segmentation" / "train.txt").unlink()
+    proc = subprocess.run(["bash", os.path.join(REPO, "run.sh"), "--toy", str(user), "--out", str(tmp_path / "o"),
+                           "--no-seg"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "has no train.txt (the list the seeds and pseudo masks are scored on)" in proc.stderr
+    assert not (tmp_path / "o" / ".done").exists() or not os.listdir(tmp_path / "o" / ".done")
 
 
 def test_run_sh_on_a_foreign_world(toy_world, tmp_path):
