@@ -285,8 +285,8 @@ def read_mask(path):
                     raise ValueError(f"mask {path} holds values {m.min()}..{m.max()}; class indices must lie in "
                                      "0..255 (0 background, 255 ignored)")
                 return m.astype(np.uint8)
-            raise ValueError(f"mask {path} has mode {im.mode}; expected a palette (P) or grey (L) PNG "
-                             "holding class indices")
+            raise ValueError(f"mask {path} has mode {im.mode}; expected a palette (P), grey (L) or 16-bit grey "
+                             "PNG holding class indices")
     except OSError as e:
         raise ValueError(f"cannot read mask {path} ({e})") from e
 

@@ -63,19 +63,19 @@ else
   [ -d "$DATA" ] || { echo "run.sh: dataset folder $DATA not found (see README 'Data')" >&2; exit 2; }
 fi
 # The list S, the prompts and the segmenter train on: train_aug; a --toy folder without one (VOC's own layout
-# has train.txt and val.txt only) trains on train, the list the seeds are scored on.
+# has train.txt and val.txt only) trains on train, the list the seeds are scored on. A user's folder is told
+# what it lacks now, not after the stages.
 TRAIN_LIST=train_aug SPLIT_FLAG=()
-if [ "$DATASET" = toy ] && [ -z "${MAKE_TOY:-}" ] && [ ! -f "$DATA/ImageSets/Segmentation/train_aug.txt" ]; then
-  TRAIN_LIST=train SPLIT_FLAG=(--split train)
-  echo "run.sh: $DATA/ImageSets/Segmentation has no train_aug.txt: training on train.txt"
-fi
-if [ "$DATASET" = toy ] && [ -z "${MAKE_TOY:-}" ]; then  # say what a user's folder lacks now, not after the stages
-  LISTS=("train.txt (the list the seeds and pseudo masks are scored on): add it")
-  [ "$SEG" = 1 ] && LISTS+=("val.txt (the list the segmenter is scored on): add it, or pass --no-seg")
-  for LIST in "${LISTS[@]}"; do
-    [ -f "$DATA/ImageSets/Segmentation/${LIST%% *}" ] || {
-      echo "run.sh: $DATA/ImageSets/Segmentation has no $LIST" >&2; exit 2; }
-  done
+if [ "$DATASET" = toy ] && [ -z "${MAKE_TOY:-}" ]; then
+  LISTS=$DATA/ImageSets/Segmentation
+  [ -f "$LISTS/train.txt" ] || {
+    echo "run.sh: $LISTS has no train.txt (the list the seeds and pseudo masks are scored on): add it" >&2; exit 2; }
+  [ "$SEG" = 0 ] || [ -f "$LISTS/val.txt" ] || {
+    echo "run.sh: $LISTS has no val.txt (the list the segmenter is scored on): add it, or pass --no-seg" >&2; exit 2; }
+  if [ ! -f "$LISTS/train_aug.txt" ]; then
+    TRAIN_LIST=train SPLIT_FLAG=(--split train)
+    echo "run.sh: $LISTS has no train_aug.txt: training on train.txt"
+  fi
 fi
 # DATA/clusters.json of a toy world is written by its make_toy step: it may not exist yet
 [ -z "$CLUSTERS" ] || [ -f "$CLUSTERS" ] || { [ -n "${MAKE_TOY:-}" ] && [ "$CLUSTERS" = "$DATA/clusters.json" ]; } || {
