@@ -45,8 +45,11 @@ PRESETS = common.presets(
     # Toy: 8 tokens, because the tiny CLIP's captions are short: its positional embeddings past ~15
     # tokens never trained, and the EOT feature must sit where they did.
     # lambda_T 1.0: at the paper's 0.02 the tiny CLIP's prompts stay on the class (docs/method.md).
+    # clip_grad 1.0: the tiny CLIP's cosines reach 0, where L_prompt^T's gradient lambda_T / sim spikes (up to
+    # 250x the median norm, measured) and throws prompts past sim()'s clamp, where no term pulls them back
+    # (docs/method.md, "Stage (b)'s gradient clipping").
     toy=dict(match="out/toy/match/checkpoint.pt", out="out/toy/prompt", epochs=30, prompt_length=8, workers=1,
-             lambda_T=1.0),
+             lambda_T=1.0, clip_grad=1.0),
 )
 
 
@@ -67,6 +70,9 @@ def build_parser():
     p.add_argument("--lr", type=common.positive_float, default=0.1, help="AdamW lr before scaling by batch/512")
     p.add_argument("--weight_decay", type=common.nonnegative_float, default=0.03, help="AdamW weight decay")
     p.add_argument("--lambda_T", type=common.nonnegative_float, default=0.02, help="weight of L_prompt^T")
+    p.add_argument("--clip_grad", type=common.nonnegative_float, default=0.0,
+                   help="clip the prompts' gradient to this total norm before each step (0: no clipping, as in the "
+                        "release)")
     p.add_argument("--image_term", action=argparse.BooleanOptionalAction, default=True,
                    help="use L_prompt^I (off: the Table 4 'L_prompt^T only' row)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
@@ -196,6 +202,8 @@ def main(args):
             loss, term_I, term_T = loss * w, term_I * w, term_T * w
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if args.clip_grad:
+                torch.nn.utils.clip_grad_norm_(prompts.parameters(), args.clip_grad)
             opt.step()
             for name, value in (("L_prompt", loss), ("L_prompt_I", term_I), ("L_prompt_T", term_T)):
                 sums[name] = sums.get(name, 0.0) + float(value.detach())

@@ -146,6 +146,19 @@ def test_only_prompts_train_in_stage_b(stages, toy_world, tmp_path, monkeypatch)
     assert p0.shape == p2.shape and not torch.equal(p0, p2)
 
 
+def test_stage_b_clips_the_gradient(stages, toy_world, tmp_path):
+    """--clip_grad C bounds each step's gradient norm by C, so Adam's second moment (an average of squared
+    gradients) sums to at most C^2; without it one epoch goes past that bound."""
+    match, c = stages["out"] / "match" / "checkpoint.pt", 1e-5
+    assert small_args(train_prompt, toy_world, tmp_path, match=match).clip_grad == 1.0  # the toy preset
+    for name, clip_grad in (("clipped", c), ("free", 0)):
+        train_prompt.main(small_args(train_prompt, toy_world, tmp_path / name, match=match, epochs=1,
+                                     prompt_length=4, clip_grad=clip_grad))
+    v = {name: sum(float(s["exp_avg_sq"].sum()) for s in torch.load(
+        tmp_path / name / "prompts.pt", weights_only=True)["optimizer"]["state"].values()) for name in ("clipped", "free")}
+    assert 0 < v["clipped"] <= c ** 2 < v["free"], v
+
+
 def test_same_seed_same_cam_network(toy_world, tmp_path):
     """A stage run twice with one seed on CPU gives the same weights (initialisation included)."""
     for name in ("a", "b"):
