@@ -47,7 +47,7 @@ PRESETS = common.presets(
     # lambda_T 1.0: at the paper's 0.02 the tiny CLIP's prompts stay on the class (docs/method.md).
     # clip_grad 1.0: the tiny CLIP's cosines reach 0, where L_prompt^T's gradient lambda_T / sim spikes (up to
     # 250x the median norm, measured) and throws prompts past sim()'s clamp, where no term pulls them back
-    # (docs/method.md, "Stage (b)'s gradient clipping").
+    # (docs/method.md, "The toy presets").
     toy=dict(match="out/toy/match/checkpoint.pt", out="out/toy/prompt", epochs=30, prompt_length=8, workers=1,
              lambda_T=1.0, clip_grad=1.0),
 )
