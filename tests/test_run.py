@@ -84,25 +84,25 @@ def test_run_sh_never_writes_into_a_users_dataset(tmp_path):
     """--toy DIR that is not a make_toy world and has no class_names.txt is refused, untouched."""
     user = tmp_path / "mydata"
     (user / "JPEGImages").mkdir(parents=True)
-    proc = subprocess.run(["bash", os.path.join(REPO, "run.sh"), "--toy", str(user), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True)
+
+    def run_sh(*extra):
+        return subprocess.run(["bash", os.path.join(REPO, "run.sh"), "--toy", str(user), "--out", str(tmp_path / "o"),
+                               *extra], capture_output=True, text=True)
+
+    proc = run_sh()
     assert proc.returncode == 2 and "neither a make_toy world" in proc.stderr
     assert sorted(os.listdir(user)) == ["JPEGImages"]
     # a folder without the lists the run is scored on is refused before any stage runs
     (user / "class_names.txt").write_text("boat\n")
     (user / "ImageSets" / "Segmentation").mkdir(parents=True)
     (user / "ImageSets" / "Segmentation" / "train.txt").write_text("a\n")
-    for extra, fragment in [([], "has no val.txt (the list the segmenter is scored on): add it, or pass --no-seg"),
-                            (["--no-seg"], None)]:
-        proc = subprocess.run(["bash", os.path.join(REPO, "run.sh"), "--toy", str(user), "--out", str(tmp_path / "o"),
-                               "--device", "nope"] + extra, capture_output=True, text=True)
-        if fragment:
-            assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr
-        else:  # past the list check: the first stage's --device check stops it
-            assert "has no val.txt" not in proc.stderr and "--device" in proc.stderr, proc.stderr
+    proc = run_sh("--device", "nope")
+    assert proc.returncode == 2, proc.stderr
+    assert "has no val.txt (the list the segmenter is scored on): add it, or pass --no-seg" in proc.stderr, proc.stderr
+    proc = run_sh("--device", "nope", "--no-seg")  # past the list check: the first stage's --device check stops it
+    assert "has no val.txt" not in proc.stderr and "--device" in proc.stderr, proc.stderr
     (user / "ImageSets" / "Segmentation" / "train.txt").unlink()
-    proc = subprocess.run(["bash", os.path.join(REPO, "run.sh"), "--toy", str(user), "--out", str(tmp_path / "o"),
-                           "--no-seg"], capture_output=True, text=True)
+    proc = run_sh("--no-seg")
     assert proc.returncode == 2 and "has no train.txt (the list the seeds and pseudo masks are scored on)" in proc.stderr
     assert not (tmp_path / "o" / ".done").exists() or not os.listdir(tmp_path / "o" / ".done")
 
