@@ -18,7 +18,7 @@ Prints a per-class IoU table and ends with `mIoU: 63.21` (percent); with --cams 
 threshold and `best threshold: 0.xx` before it. --json PATH writes every figure, confusion included.
 A missing prediction, a size mismatch or a value outside the class range is an error naming the file.
 
-The metric itself is in metrics.py (train_seg.py scores its predictions with it too).
+The metric itself is in semples/metrics.py (train_seg.py scores its predictions with it too).
 """
 import json
 import os
@@ -26,16 +26,16 @@ import sys
 
 import numpy as np
 
-import common
-from metrics import class_table, default_gt_dir, evaluate, miou_from_confusion, pixel_accuracy
+from semples import datasets, presets, runtime
+from semples.metrics import class_table, default_gt_dir, evaluate, miou_from_confusion, pixel_accuracy
 
-PRESETS = common.presets()
+PRESETS = presets.of("eval_miou")
 
 
 def build_parser():
-    p = common.new_parser(__doc__)
+    p = runtime.new_parser(__doc__)
     p.add_argument("--data", type=str, default=None, help="dataset root in VOC layout (preset sets it)")
-    p.add_argument("--workers", type=common.nonnegative_int, default=2, help="processes reading and scoring the files (0 = inline)")
+    p.add_argument("--workers", type=runtime.nonnegative_int, default=2, help="processes reading and scoring the files (0 = inline)")
     p.add_argument("--split", type=str, default="train",
                    help="image list scored (train for seeds and pseudo masks, val for the segmenter)")
     p.add_argument("--pred", type=str, default=None, help="folder of predicted class maps {id}.png")
@@ -43,10 +43,10 @@ def build_parser():
                    help="folder of make_pseudo.py CAM files {id}.npz: sweep the background threshold and report "
                         "the best (the standard way seed mIoU is reported; an evaluation on ground truth, it "
                         "selects nothing for the pipeline)")
-    p.add_argument("--t_start", type=common.unit_float, default=0.05, help="first background threshold of the sweep")
-    p.add_argument("--t_end", type=common.unit_float, default=0.95, help="last background threshold (included)")
-    p.add_argument("--t_step", type=common.positive_float, default=0.01, help="threshold step")
-    p.add_argument("--chunk", type=common.positive_int, default=32, help="images per worker task")
+    p.add_argument("--t_start", type=runtime.unit_float, default=0.05, help="first background threshold of the sweep")
+    p.add_argument("--t_end", type=runtime.unit_float, default=0.95, help="last background threshold (included)")
+    p.add_argument("--t_step", type=runtime.positive_float, default=0.01, help="threshold step")
+    p.add_argument("--chunk", type=runtime.positive_int, default=32, help="images per worker task")
     p.add_argument("--json", type=str, default=None, help="write all figures to this JSON file")
     return p
 
@@ -57,10 +57,10 @@ def main(args):
     if args.cams and args.t_start > args.t_end:
         raise ValueError(f"--t_start {args.t_start} is above --t_end {args.t_end}: the sweep would be empty")
     if args.json:
-        common.make_dir(os.path.dirname(os.path.abspath(args.json)), "--json")
-    names = ["background"] + common.read_class_names(args.data, args.dataset)
+        runtime.make_dir(os.path.dirname(os.path.abspath(args.json)), "--json")
+    names = ["background"] + datasets.read_class_names(args.data, args.dataset)
     C = len(names)
-    ids = common.read_ids(args.data, args.split)
+    ids = datasets.read_ids(args.data, args.split)
     gt_dir = default_gt_dir(args.data, ids)  # DATA/SegmentationClass if it holds the split, else ...Aug
     folder, ext = (args.pred, "png") if args.pred else (args.cams, "npz")
     if not os.path.isdir(folder):
@@ -97,7 +97,7 @@ def main(args):
     out.update(iou={n: (None if np.isnan(v) else 100 * v) for n, v in zip(names, iou)},
                miou=100 * miou, pixel_acc=100 * acc, confusion=conf.tolist())
     if args.json:
-        with common.atomic_path(args.json) as tmp, open(tmp, "w") as f:
+        with runtime.atomic_path(args.json) as tmp, open(tmp, "w") as f:
             json.dump(out, f, indent=1)
     if args.cams:
         print(f"best threshold: {out['best_threshold']:.{decimals}f}")
@@ -107,4 +107,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    common.run_cli(main, build_parser(), PRESETS)
+    runtime.run_cli(main, build_parser(), PRESETS)

@@ -52,43 +52,32 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import common
-from cams import CRF_DEFAULTS, CRF_GT_PROB, cam_meta, load_cams, multiscale_cams, pseudo_mask, save_cams
+from semples import datasets, presets, runtime
+from semples.cams import CRF_DEFAULTS, CRF_GT_PROB, cam_meta, load_cams, multiscale_cams, pseudo_mask, save_cams
 
-PRESETS = common.presets(
-    voc=dict(checkpoint="out/voc/refine/checkpoint.pt", out="out/voc/pseudo"),
-    coco=dict(checkpoint="out/coco/refine/checkpoint.pt", out="out/coco/pseudo", scales="1.0,0.8,1.2",
-              store_scale=0.5),
-    # Toy: VOC's recipe (scales, CRF). The threshold was fixed once by the developers from a sweep of the
-    # pseudo masks (CRF included) on toy train, pipeline seed 0: best 0.45 for the CAM network, stage (a)
-    # and SemPLeS alike (0.40-0.55 measured; 0.60, the best of the seeds without CRF, was 6-8 points lower).
-    # Re-checked at the 20-epoch presets over pipeline seeds 0-2: SemPLeS 78.57 / 79.35 / 79.05 at 0.40 /
-    # 0.45 / 0.50 (stage (a) 76.07 / 77.43 / 78.10); with stage (c) from stage (a)'s S, 78.19 / 79.11 / 79.33.
-    # No run picks it from ground truth.
-    toy=dict(checkpoint="out/toy/refine/checkpoint.pt", out="out/toy/pseudo", bg_threshold=0.45, batch_size=64),
-)
+PRESETS = presets.of("make_pseudo")
 
 
 def build_parser():
-    p = common.new_parser(__doc__)
-    common.add_common_flags(p)
+    p = runtime.new_parser(__doc__)
+    runtime.add_common_flags(p)
     p.add_argument("--checkpoint", type=str, default=None, help="S checkpoint (stage c: OUT of train_refine.py)")
     p.add_argument("--split", type=str, default="train_aug", help="image list to make pseudo masks for")
     p.add_argument("--out", type=str, default=None, help="output folder (cams/, masks/, vis/, log.txt)")
     p.add_argument("--mask_dir", type=str, default=None, help="where the PNGs go (default OUT/masks)")
-    p.add_argument("--size", type=common.positive_int, default=None,
+    p.add_argument("--size", type=runtime.positive_int, default=None,
                    help="longer image side at scale 1.0 (default: the checkpoint's training size)")
-    p.add_argument("--scales", type=common.float_list, default="1.0,1.2",
+    p.add_argument("--scales", type=runtime.float_list, default="1.0,1.2",
                    help="comma list of CAM scales (each also flipped)")
-    p.add_argument("--batch_size", type=common.positive_int, default=8, help="images per S forward (equal-sized images only)")
-    p.add_argument("--store_scale", type=common.positive_float, default=1.0,
+    p.add_argument("--batch_size", type=runtime.positive_int, default=8, help="images per S forward (equal-sized images only)")
+    p.add_argument("--store_scale", type=runtime.positive_float, default=1.0,
                    help="CAMs are stored at this fraction of the image size (upsampled bilinearly on read)")
-    p.add_argument("--bg_threshold", type=common.unit_float, default=0.15,
+    p.add_argument("--bg_threshold", type=runtime.unit_float, default=0.15,
                    help="constant background score; 0.15 is IRN's and CLIMS's CAM threshold for ResNet-50 CAMs (the "
                         "release's 0.43 is WeakTr's, for DeiT CAMs)")
     p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True,
                    help="dense CRF on the masks (cams.CRF_DEFAULTS, unary gt_prob cams.CRF_GT_PROB)")
-    p.add_argument("--vis", type=common.nonnegative_int, default=0, help="write image | CAM | mask pictures for the first N images")
+    p.add_argument("--vis", type=runtime.nonnegative_int, default=0, help="write image | CAM | mask pictures for the first N images")
     p.add_argument("--cams_only", action="store_true", help="compute the CAMs, make no masks")
     p.add_argument("--masks_only", action="store_true",
                    help="reuse OUT/cams (no checkpoint, no GPU): only threshold + CRF + PNGs")
@@ -104,7 +93,7 @@ def _size_batches(root, ids, todo, batch_size):
         return [[n] for n in todo]
     groups = {}
     for n in todo:
-        path = common.image_path(root, ids[n])
+        path = datasets.image_path(root, ids[n])
         try:
             with Image.open(path) as im:
                 size = im.size
@@ -116,25 +105,26 @@ def _size_batches(root, ids, todo, batch_size):
 
 
 def compute_cams(args, ids, cam_dir, log):
-    from semples import load_mask_generator, minmax, weights_fingerprint  # here: CRF workers stay light
-    device, _, _ = common.setup_device(args.device)
-    names = common.read_class_names(args.data, args.dataset)
+    from semples.method import minmax, weights_fingerprint  # here: CRF workers stay light
+    from semples.network import load_mask_generator
+    device, _, _ = runtime.setup_device(args.device)
+    names = datasets.read_class_names(args.data, args.dataset)
     S, ckpt = load_mask_generator(args.checkpoint, device, "--checkpoint", names)
     size, scales = args.size or ckpt["args"]["size"], args.scales
     meta = {"fingerprint": weights_fingerprint(ckpt["model"]), "scales": scales, "size": size,
             "store_scale": args.store_scale, "class_names": names,
             "checkpoint": os.path.abspath(args.checkpoint), "epoch": ckpt.get("epoch")}
-    y = torch.from_numpy(common.load_labels(args.data, ids, len(names), require_nonempty=False))
+    y = torch.from_numpy(datasets.load_labels(args.data, ids, len(names), require_nonempty=False))
     paths = [os.path.join(cam_dir, f"{i}.npz") for i in ids]
     todo = [n for n, p in enumerate(paths) if not os.path.exists(p)]
     check_existing_cams(paths, set(todo), meta, y, cam_dir)
     log(f"cams: {len(todo)} of {len(ids)} images to compute ({len(ids) - len(todo)} exist) with "
         f"{args.checkpoint} (epoch {ckpt.get('epoch')}), scales {args.scales}, size {size}, on {device}")
-    loader = torch.utils.data.DataLoader(common.ImageList(args.data, ids), batch_sampler=_size_batches(
+    loader = torch.utils.data.DataLoader(datasets.ImageList(args.data, ids), batch_sampler=_size_batches(
         args.data, ids, todo, args.batch_size), num_workers=args.workers, pin_memory=device.type == "cuda")
     t0, nbytes, pending = time.time(), 0, []
     with concurrent.futures.ThreadPoolExecutor(max(1, args.workers)) as saver:  # zlib frees the GIL
-        for x, index in common.progress(loader, "cams"):
+        for x, index in runtime.progress(loader, "cams"):
             yb = y[index]
             keep = yb.any(0).nonzero()[:, 0].tolist()  # classes labelled in any image of the batch
             total = multiscale_cams(S, x, scales, size, device, args.amp, keep) if keep else None
@@ -202,7 +192,7 @@ def jet(v):
 def visualise(image, cams, mask):
     heat = cams.max(0) if len(cams) else np.zeros(image.shape[:2], np.float32)
     heat = (0.5 * image + 0.5 * jet(heat)).astype(np.uint8)
-    colours = np.asarray(common.voc_palette(), np.uint8).reshape(256, 3)[mask]
+    colours = np.asarray(datasets.voc_palette(), np.uint8).reshape(256, 3)[mask]
     return np.concatenate([image, heat, colours], axis=1)
 
 
@@ -214,14 +204,14 @@ def _mask_task(task):
     """One image: read its CAM file and JPEG, write its PNG (and picture). Returns statistics."""
     image_id, cam_path, img_path, mask_path, vis_path, bg_threshold, crf, key = task
     cams, classes = load_cams(cam_path)
-    image = common.read_image(img_path)
+    image = datasets.read_image(img_path)
     if image.shape[:2] != cams.shape[1:]:
         raise ValueError(f"{cam_path} holds CAMs of size {cams.shape[1:]}, image {img_path} is {image.shape[:2]}")
     raw = pseudo_mask(cams, classes, bg_threshold)
     mask = pseudo_mask(cams, classes, bg_threshold, image, crf) if crf is not None else raw
-    common.save_mask(mask_path, mask, key)
+    datasets.save_mask(mask_path, mask, key)
     if vis_path:
-        with common.atomic_path(vis_path) as tmp:
+        with runtime.atomic_path(vis_path) as tmp:
             Image.fromarray(visualise(image, cams, mask)).save(tmp, format="JPEG", quality=90)
     return image_id, float((mask > 0).mean()), float((mask != raw).mean())
 
@@ -235,7 +225,7 @@ def make_masks(args, ids, cam_dir, mask_dir, log):
     if args.crf:
         crf = dict(gt_prob=CRF_GT_PROB, **CRF_DEFAULTS)
     params = {"bg_threshold": args.bg_threshold, "crf": crf}
-    with common.atomic_path(os.path.join(mask_dir, "params.json")) as tmp, open(tmp, "w") as f:
+    with runtime.atomic_path(os.path.join(mask_dir, "params.json")) as tmp, open(tmp, "w") as f:
         json.dump(params, f, indent=1)
     vis = set(ids[:args.vis])
     tasks, redo = [], 0
@@ -245,11 +235,11 @@ def make_masks(args, ids, cam_dir, mask_dir, log):
         made_from = {k: v for k, v in meta.items() if k not in UNKEYED} if meta else os.stat(cam_path).st_mtime_ns
         key = hashlib.sha256(json.dumps([made_from, classes, params], sort_keys=True).encode()).hexdigest()[:16]
         vis_path = os.path.join(args.out, "vis", f"{i}.jpg") if i in vis else None
-        old = common.mask_key(mask_path)
+        old = datasets.mask_key(mask_path)
         if old != key and os.path.exists(mask_path):
             redo += 1
         if old != key or (vis_path and not os.path.exists(vis_path)):
-            tasks.append((i, cam_path, common.image_path(args.data, i), mask_path, vis_path, args.bg_threshold,
+            tasks.append((i, cam_path, datasets.image_path(args.data, i), mask_path, vis_path, args.bg_threshold,
                           crf, key))
     if redo:
         log(f"masks: {redo} PNGs in {mask_dir} were made from other CAMs or parameters: redoing them")
@@ -259,9 +249,9 @@ def make_masks(args, ids, cam_dir, mask_dir, log):
     if args.workers > 0 and len(tasks) > 1:
         with mp.get_context("spawn").Pool(args.workers, initializer=_worker_init) as pool:
             results = pool.imap_unordered(_mask_task, tasks, chunksize=4)
-            stats = list(common.progress(results, "masks", total=len(tasks)))
+            stats = list(runtime.progress(results, "masks", total=len(tasks)))
     else:
-        for t in common.progress(tasks, "masks"):
+        for t in runtime.progress(tasks, "masks"):
             stats.append(_mask_task(t))
     dt = time.time() - t0
     fg = 100 * np.mean([s[1] for s in stats]) if stats else float("nan")
@@ -276,11 +266,11 @@ def main(args):
     if not 0 < args.store_scale <= 1:
         raise ValueError(f"--store_scale must lie in (0, 1], got {args.store_scale}")
     args.mask_dir = args.mask_dir or os.path.join(args.out, "masks")
-    log = common.Logger(args.out)
+    log = runtime.Logger(args.out)
     if not args.cams_only:
-        common.make_dir(args.mask_dir, "--mask_dir")
-    common.save_args(args, args.out, "args_masks.json" if args.masks_only else "args.json")
-    ids = common.read_ids(args.data, args.split)
+        runtime.make_dir(args.mask_dir, "--mask_dir")
+    runtime.save_args(args, args.out, "args_masks.json" if args.masks_only else "args.json")
+    ids = datasets.read_ids(args.data, args.split)
     cam_dir = os.path.join(args.out, "cams")
     if not args.masks_only:
         compute_cams(args, ids, cam_dir, log)
@@ -291,4 +281,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    common.run_cli(main, build_parser(), PRESETS)
+    runtime.run_cli(main, build_parser(), PRESETS)

@@ -15,7 +15,7 @@
 # the shared modules); it is skipped on the next run only if all three are the same (else it is redone from
 # scratch, and so is every step after it). An interrupted training step resumes from its own checkpoint.
 # Extra flags for one stage: CAM_ARGS, MATCH_ARGS, PROMPT_ARGS, REFINE_ARGS, PSEUDO_ARGS, SEG_ARGS, TOY_ARGS.
-# Writes OUT/results.json (every number of the printed table) and prints the table; then OUT/report.html (report.py:
+# Writes OUT/results.json (every number of the printed table) and prints the table; then OUT/report.html (tools/report.py:
 # results, loss curves, CAMs per stage, the learned prompts' region maps and nearest words) and prints its path.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -79,7 +79,7 @@ if [ "$DATASET" = toy ] && [ -z "${MAKE_TOY:-}" ]; then
 fi
 # DATA/clusters.json of a toy world is written by its make_toy step: it may not exist yet
 [ -z "$CLUSTERS" ] || [ -f "$CLUSTERS" ] || { [ -n "${MAKE_TOY:-}" ] && [ "$CLUSTERS" = "$DATA/clusters.json" ]; } || {
-  echo "run.sh: --clusters file $CLUSTERS not found (clusters/voc.json, clusters/coco.json, DATA/clusters.json)" >&2
+  echo "run.sh: --clusters file $CLUSTERS not found (semples/clusters/voc.json, semples/clusters/coco.json, DATA/clusters.json)" >&2
   exit 2; }
 [ -n "$DEVICE" ] || DEVICE=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 
@@ -92,7 +92,7 @@ REDO=0
 code_key() {  # code_key command...: a hash of the code a step runs: the scripts its command names (a `seeds`
   # step: make_pseudo.py and eval_miou.py) and the modules they share. Part of the step's key, so that an edited
   # loss or preset value redoes its step (and every step after it) instead of reusing a stale output.
-  local files=(common.py semples.py trainer.py cams.py metrics.py clip/*.py) word
+  local files=(semples/*.py clip/*.py) word
   for word in "$@"; do
     case "$word" in
       *.py) [ -f "$word" ] && files+=("$word") ;;
@@ -131,11 +131,11 @@ seeds() {  # seeds NAME CHECKPOINT: CAMs of the train list, threshold sweep (see
 {
 TOY_JOB=""
 if [ -n "${MAKE_TOY:-}" ]; then  # every time: make_toy reuses a world made with its current settings (seconds)
-  echo "== toy: $PY make_toy.py --out $DATA ${TOY_ARGS:-}"  # and remakes one made by an older make_toy
-  "$PY" make_toy.py --out "$DATA" --part dataset ${TOY_ARGS:-}
+  echo "== toy: $PY tools/make_toy.py --out $DATA ${TOY_ARGS:-}"  # and remakes one made by an older make_toy
+  "$PY" tools/make_toy.py --out "$DATA" --part dataset ${TOY_ARGS:-}
   # The tiny CLIP trains on one thread (minutes) while the CAM network, which needs no CLIP, trains too: the
   # same files; on 2 cores the two slow each other down (beside_clip, below, eases it). Its output is shown once done.
-  "$PY" make_toy.py --out "$DATA" --part clip ${TOY_ARGS:-} > "$OUT/make_toy.log" 2>&1 &
+  "$PY" tools/make_toy.py --out "$DATA" --part clip ${TOY_ARGS:-} > "$OUT/make_toy.log" 2>&1 &
   TOY_JOB=$!
   trap '[ -z "$TOY_JOB" ] || kill "$TOY_JOB" 2>/dev/null || true' EXIT  # run.sh stopped early: stop it too
 fi
@@ -152,28 +152,27 @@ CLUSTER_FLAG=(); [ -n "$CLUSTERS" ] && CLUSTER_FLAG=(--clusters "$CLUSTERS")
 CAM=$OUT/cam/checkpoint.pt MATCH=$OUT/match/checkpoint.pt
 
 beside_clip() {  # beside_clip command...: while the tiny CLIP trains in the background, the command's idle OpenMP
-  # threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE; the same numbers, bit for bit). On the 2 cores the
-  # CLIP's 300 steps beside 2 CAM-network epochs went 130 -> 105 s and the CAM network 100 -> 74 s (scratch);
-  # alone, a 2-thread stage ran about 15% slower with it, so only here.
+  # threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE; the same numbers, bit for bit): both run faster
+  # on 2 cores; alone, a stage runs slower with it, so only here (docs/log.md has the timings).
   if [ -n "$TOY_JOB" ]; then OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} "$@"; else "$@"; fi
 }
 beside_clip step cam "$OUT/cam" "${TRAIN[@]}" train_cam.py "${COMMON[@]}" --out "$OUT/cam" "${SPLIT_FLAG[@]}" \
   "${INIT_FLAG[@]}" "${CLUSTER_FLAG[@]}" ${CAM_ARGS:-}
-beside_clip step seeds_cam "$OUT/seeds_cam" seeds seeds_cam "$CAM"
+beside_clip step eval_cam "$OUT/eval_cam" seeds eval_cam "$CAM"
 if [ -n "$TOY_JOB" ]; then
-  wait "$TOY_JOB" || { cat "$OUT/make_toy.log"; echo "run.sh: make_toy.py --part clip failed (above)" >&2; exit 1; }
+  wait "$TOY_JOB" || { cat "$OUT/make_toy.log"; echo "run.sh: tools/make_toy.py --part clip failed (above)" >&2; exit 1; }
   TOY_JOB=""
   cat "$OUT/make_toy.log"
 fi
 INPUTS=$(inputs "$CLIP" "$INIT" "$SEG_INIT" "$CLUSTERS")  # the later steps' (the CLIP is made by now)
 step match "$OUT/match" "${TRAIN[@]}" train_match.py "${COMMON[@]}" --clip "$CLIP" --init "$CAM" --out "$OUT/match" \
   "${SPLIT_FLAG[@]}" ${MATCH_ARGS:-}
-step seeds_a "$OUT/seeds_a" seeds seeds_a "$MATCH"
+step eval_match "$OUT/eval_match" seeds eval_match "$MATCH"
 step prompt "$OUT/prompt" "${TRAIN[@]}" train_prompt.py "${COMMON[@]}" --clip "$CLIP" --match "$MATCH" \
   --out "$OUT/prompt" "${SPLIT_FLAG[@]}" ${PROMPT_ARGS:-}
 step refine "$OUT/refine" "${TRAIN[@]}" train_refine.py "${COMMON[@]}" --clip "$CLIP" --init "$MATCH" \
   --prompts "$OUT/prompt/prompts.pt" --out "$OUT/refine" "${SPLIT_FLAG[@]}" ${MATCH_ARGS:-} ${REFINE_ARGS:-}
-step seeds_c "$OUT/seeds_c" seeds seeds_c "$OUT/refine/checkpoint.pt"
+step eval_refine "$OUT/eval_refine" seeds eval_refine "$OUT/refine/checkpoint.pt"
 if [ "$SEG" = 1 ]; then
 step pseudo "$OUT/pseudo" "$PY" make_pseudo.py "${COMMON[@]}" --checkpoint "$OUT/refine/checkpoint.pt" \
   --split "$TRAIN_LIST" --out "$OUT/pseudo" ${PSEUDO_ARGS:-}
@@ -191,9 +190,10 @@ def read(path):
     with open(os.path.join(out, path)) as f:
         return json.load(f)
 rows = {"cam": "CAM network", "a": "stage (a) only: L_match", "c": "SemPLeS (a)+(b)+(c)"}
+folder = {"cam": "eval_cam", "a": "eval_match", "c": "eval_refine"}
 res = {"dataset": dataset, "seed": seed, "clusters": clusters or None}
 for key in rows:
-    s, m = read(f"seeds_{key}/seed.json"), read(f"seeds_{key}/mask.json")
+    s, m = read(f"{folder[key]}/seed.json"), read(f"{folder[key]}/mask.json")
     res[key] = {"seed_miou": round(s["miou"], 2), "seed_threshold": s["best_threshold"],
                 "pseudo_miou": round(m["miou"], 2)}
 res["segmenter_val_miou"] = round(read("seg/val.json")["miou"], 2) if seg else None  # None: --no-seg
@@ -212,6 +212,6 @@ print(f"{'segmenter on pseudo masks, val':34s} {seg_cell}")
 print(f"results: {os.path.join(out, 'results.json')}")
 EOF
 
-# The pictures and numbers of this run on one page (report.py): read from OUT, redone when any step was.
-step report "$OUT/report" "$PY" report.py --dataset "$DATASET" --data "$DATA" --out "$OUT" --clip "$CLIP" --device "$DEVICE"
+# The pictures and numbers of this run on one page (tools/report.py): read from OUT, redone when any step was.
+step report "$OUT/report" "$PY" tools/report.py --dataset "$DATASET" --data "$DATA" --out "$OUT" --clip "$CLIP" --device "$DEVICE"
 echo "report: $OUT/report.html"

@@ -22,37 +22,30 @@ chosen here travel in the checkpoint: later stages rebuild S from it.
 import torch
 import torch.nn.functional as F
 
-import common
-import trainer
-from semples import BACKBONES, build_mask_generator
+from semples import datasets, presets, runtime, train_loop
+from semples.network import BACKBONES, build_mask_generator
 
-PRESETS = common.presets(
-    voc=dict(out="out/voc/cam"),
-    coco=dict(out="out/coco/cam"),
-    # Toy: a tiny S at 96 px from random weights (no ImageNet): AdamW with cosine (the trainer of (a) and (c)).
-    toy=dict(out="out/toy/cam", backbone="tiny", output_stride=8, size=96, batch_size=32, epochs=6, lr=0.032,
-             workers=1, optimizer="adamw", head_lr_mult=1.0, weight_decay=0.03),
-)
+PRESETS = presets.of("train_cam")
 
 
 def build_parser():
     # VOC/COCO: the CAM network CLIMS starts from, IRN's recipe (jiwoon-ahn/irn, step/train_cam.py): SGD, lr 0.1
     # (10x on the classifier), weight decay 1e-4, poly 0.9, batch 16, 5 epochs. IRN's PolyOptimizer hands the
     # weight decay to SGD's momentum slot, so it trains with (practically) no momentum; so do we.
-    p = trainer.add_flags(common.new_parser(__doc__), epochs=5, lr=0.1, batch_size=16)
+    p = train_loop.add_flags(runtime.new_parser(__doc__), epochs=5, lr=0.1, batch_size=16)
     p.set_defaults(weight_decay=1e-4)
     p.add_argument("--optimizer", type=str, default="sgd", choices=("sgd", "adamw"),
                    help="sgd: IRN's recipe, --lr as given, poly 0.9; adamw: the trainer of (a) and (c), --lr scaled "
                         "by batch/512, cosine")
-    p.add_argument("--head_lr_mult", type=common.positive_float, default=10.0,
+    p.add_argument("--head_lr_mult", type=runtime.positive_float, default=10.0,
                    help="lr multiplier of the 1x1 classifier(s) (IRN: 10)")
     p.add_argument("--init", type=str, default=None,
                    help="ImageNet torchvision state-dict file for the backbone; none = random init")
     p.add_argument("--backbone", type=str, default="resnet50", choices=BACKBONES, help="backbone of S")
     p.add_argument("--output_stride", type=int, default=16, choices=(8, 16, 32), help="output stride of S")
-    p.add_argument("--size", type=common.positive_int, default=448, help="S input size (square)")
+    p.add_argument("--size", type=runtime.positive_int, default=448, help="S input size (square)")
     p.add_argument("--clusters", type=str, default=None,
-                   help="category-cluster JSON (clusters/voc.json, clusters/coco.json, DATA/clusters.json for the "
+                   help="category-cluster JSON (semples/clusters/voc.json, semples/clusters/coco.json, DATA/clusters.json for the "
                         "toy world): shared cluster maps with cluster-level supervision; none = off")
     return p
 
@@ -72,16 +65,16 @@ def objective(out, y, clusters=None):
 
 
 def main(args):
-    common.seed_everything(args.seed)  # before any weight is initialised
-    names = common.read_class_names(args.data, args.dataset)
+    runtime.seed_everything(args.seed)  # before any weight is initialised
+    names = datasets.read_class_names(args.data, args.dataset)
     clusters = None
     if args.clusters:
-        args.cluster_groups = common.read_clusters(args.clusters, names)  # in args: a changed file is not resumed
+        args.cluster_groups = datasets.read_clusters(args.clusters, names)  # in args: a changed file is not resumed
         clusters = [[names.index(c) for c in members] for members in args.cluster_groups.values()]
     S = build_mask_generator(args.backbone, len(names), args.output_stride, args.init, clusters)
 
-    trainer.train(args, lambda x, y, out: objective(out, y, clusters), "cam", S=S, cluster_maps=bool(clusters))
+    train_loop.train(args, lambda x, y, out: objective(out, y, clusters), "cam", S=S, cluster_maps=bool(clusters))
 
 
 if __name__ == "__main__":
-    common.run_cli(main, build_parser(), PRESETS)
+    runtime.run_cli(main, build_parser(), PRESETS)

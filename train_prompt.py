@@ -35,42 +35,32 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import common
-from semples import (EPS, WORDS, L_prompt, Prompts, class_text_features, clip_identity, encode_images, load_frozen_clip,
-                     load_mask_generator, masked_pairs, nearest_words, read_words, weights_fingerprint)
+from semples import datasets, presets, runtime, train_loop
+from semples.method import (EPS, WORDS, L_prompt, Prompts, class_text_features, clip_identity, encode_images,
+                            load_frozen_clip, masked_pairs, nearest_words, read_words, weights_fingerprint)
+from semples.network import load_mask_generator
 
-PRESETS = common.presets(
-    voc=dict(match="out/voc/match/checkpoint.pt", out="out/voc/prompt"),
-    coco=dict(match="out/coco/match/checkpoint.pt", out="out/coco/prompt", lambda_T=0.01),
-    # Toy: 8 tokens, because the tiny CLIP's captions are short: its positional embeddings past ~15
-    # tokens never trained, and the EOT feature must sit where they did.
-    # lambda_T 1.0: at the paper's 0.02 the tiny CLIP's prompts stay on the class (docs/method.md).
-    # clip_grad 1.0: the tiny CLIP's cosines reach 0, where L_prompt^T's gradient lambda_T / sim spikes (up to
-    # 250x the median norm, measured) and throws prompts past sim()'s clamp, where no term pulls them back
-    # (docs/method.md, "The toy presets").
-    toy=dict(match="out/toy/match/checkpoint.pt", out="out/toy/prompt", epochs=30, prompt_length=8, workers=1,
-             lambda_T=1.0, clip_grad=1.0),
-)
+PRESETS = presets.of("train_prompt")
 
 
 WORD_FLAGS = ("words", "nearest_k")  # they shape no prompt: a resumed run may change them
 
 
 def build_parser():
-    p = common.new_parser(__doc__)
-    common.add_common_flags(p)
+    p = runtime.new_parser(__doc__)
+    runtime.add_common_flags(p)
     p.add_argument("--clip", type=str, default=None, help="CLIP model name or checkpoint path (as stage a)")
     p.add_argument("--match", type=str, default=None, help="stage (a) checkpoint of S")
     p.add_argument("--split", type=str, default="train_aug", help="image list the prompts learn from")
     p.add_argument("--out", type=str, default=None, help="output folder")
-    p.add_argument("--prompt_length", type=common.positive_int, default=30, help="learnable tokens per class (L)")
-    p.add_argument("--batch_size", type=common.positive_int, default=128, help="(image, class) pairs per step")
-    p.add_argument("--epochs", type=common.nonnegative_int, default=60,
+    p.add_argument("--prompt_length", type=runtime.positive_int, default=30, help="learnable tokens per class (L)")
+    p.add_argument("--batch_size", type=runtime.positive_int, default=128, help="(image, class) pairs per step")
+    p.add_argument("--epochs", type=runtime.nonnegative_int, default=60,
                    help="epochs over the cached pairs (0 = unlearned prompts, a Table 4 ablation)")
-    p.add_argument("--lr", type=common.positive_float, default=0.1, help="AdamW lr before scaling by batch/512")
-    p.add_argument("--weight_decay", type=common.nonnegative_float, default=0.03, help="AdamW weight decay")
-    p.add_argument("--lambda_T", type=common.nonnegative_float, default=0.02, help="weight of L_prompt^T")
-    p.add_argument("--clip_grad", type=common.nonnegative_float, default=0.0,
+    p.add_argument("--lr", type=runtime.positive_float, default=0.1, help="AdamW lr before scaling by batch/512")
+    p.add_argument("--weight_decay", type=runtime.nonnegative_float, default=0.03, help="AdamW weight decay")
+    p.add_argument("--lambda_T", type=runtime.nonnegative_float, default=0.02, help="weight of L_prompt^T")
+    p.add_argument("--clip_grad", type=runtime.nonnegative_float, default=0.0,
                    help="clip the prompts' gradient to this total norm before each step (0: no clipping, as in the "
                         "release)")
     p.add_argument("--image_term", action=argparse.BooleanOptionalAction, default=True,
@@ -81,7 +71,7 @@ def build_parser():
     p.add_argument("--words", type=str, default=WORDS,
                    help="word list (one word or phrase a line) whose nearest words to each learned prompt are "
                         "logged and kept in prompts.pt")
-    p.add_argument("--nearest_k", type=common.positive_int, default=5, help="nearest words kept per class")
+    p.add_argument("--nearest_k", type=runtime.positive_int, default=5, help="nearest words kept per class")
     return p
 
 
@@ -98,13 +88,13 @@ def background_cache(args, S, clip_model, K, device, log, rank=0):
         cache = torch.load(path, map_location="cpu", weights_only=True)
         if cache.get("key") == key and "v_f" in cache:  # a cache without v^f is an older version's
             return cache["v_b"], cache["v_f"], cache["k"]
-    data = common.ClsDataset(args.data, args.split, K, args.size, augment=False)
+    data = datasets.ClsDataset(args.data, args.split, K, args.size, augment=False)
     loader = torch.utils.data.DataLoader(data, 64, shuffle=False, num_workers=args.workers)
     res = clip_model.visual.input_resolution
     v_b, v_f, ks = [], [], []
-    for x, y, _ in common.progress(loader, "caching v^b"):
+    for x, y, _ in runtime.progress(loader, "caching v^b"):
         x, y = x.to(device), y.to(device)
-        with common.autocast(device, args.amp):
+        with runtime.autocast(device, args.amp):
             X_f, X_b, k, _, _ = masked_pairs(x, S(x), y, res, args.fill)
             v_b.append(encode_images(clip_model, X_b).float().cpu())
             v_f.append(encode_images(clip_model, X_f).float().cpu())  # apart: v^b as before, to the last bit
@@ -113,7 +103,7 @@ def background_cache(args, S, clip_model, K, device, log, rank=0):
     log(f"cached v^b of {len(ks)} (image, class) pairs from {len(data)} images"
         + (f" ({data.note(args.split)})" if data.left_out else ""))
     if rank == 0:
-        common.save_checkpoint({"v_b": v_b, "v_f": v_f, "k": ks, "key": key}, path)
+        runtime.save_checkpoint({"v_b": v_b, "v_f": v_f, "k": ks, "key": key}, path)
     return v_b, v_f, ks
 
 
@@ -141,7 +131,7 @@ def background_fit(u_b, u_f, v_b, v_f, k, names):
 
 
 def main(args):
-    device, rank, world, log, out_path, names = common.begin(args, "prompts.pt")
+    device, rank, world, log, out_path, names = train_loop.begin(args, "prompts.pt")
     K = len(names)
     words = read_words(args.words)  # read now: a bad path should not wait for the end of training
     S, match_ckpt = load_mask_generator(args.match, device, "--match", names)
@@ -162,7 +152,7 @@ def main(args):
     lr = args.lr * args.batch_size / 512
     opt = torch.optim.AdamW(prompts.parameters(), lr=lr, weight_decay=args.weight_decay)
     start = 0
-    ckpt = common.resume_or_start(args, out_path, "prompts", log, rank, free=WORD_FLAGS)
+    ckpt = runtime.resume_or_start(args, out_path, "prompts", log, rank, free=WORD_FLAGS)
     if ckpt is not None:
         prompts.prompts.data.copy_(ckpt["prompts"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -174,7 +164,7 @@ def main(args):
         if rank == 0:
             with torch.no_grad():
                 u_b = prompts(clip_model)
-            common.save_checkpoint({"kind": "prompts", "prompts": prompts.prompts.detach().cpu(),
+            runtime.save_checkpoint({"kind": "prompts", "prompts": prompts.prompts.detach().cpu(),
                                     "u_b": u_b.cpu(), "class_names": names, "num_classes": K,
                                     "clip": args.clip, "fingerprint": clip_identity(clip_model),
                                     "optimizer": opt.state_dict(),
@@ -184,21 +174,21 @@ def main(args):
     if args.epochs == 0 or start == 0:
         save(start)  # unlearned prompts are a valid (ablation) output too
     steps, batch = max(1, len(k) // args.batch_size), min(args.batch_size, len(k))
-    mine = slice(*common.rank_share(batch, rank, world))  # this process's pairs of each step's batch
+    mine = slice(*runtime.rank_share(batch, rank, world))  # this process's pairs of each step's batch
     for epoch in range(start, args.epochs):
         order = torch.randperm(len(k), generator=torch.Generator().manual_seed(args.seed + epoch)).to(device)
         sums, t0 = {}, time.time()
         for it in range(steps):
             for g in opt.param_groups:
-                g["lr"] = common.cosine_lr(lr, epoch * steps + it, args.epochs * steps)
+                g["lr"] = runtime.cosine_lr(lr, epoch * steps + it, args.epochs * steps)
             idx = order[it * args.batch_size:][:batch][mine]
-            with common.autocast(device, args.amp):
+            with runtime.autocast(device, args.amp):
                 # ---------------- algorithm logic ----------------
                 u_b = model(clip_model)  # all K prompts through the text encoder
                 loss, term_I, term_T = L_prompt(u_b[k[idx]], v_b[idx], u_f[k[idx]], args.lambda_T,
                                                 args.image_term)
                 # --------------------------------------------------
-            w = common.global_mean_weight(len(idx), world)  # this process's share of the batch's mean over pairs
+            w = runtime.global_mean_weight(len(idx), world)  # this process's share of the batch's mean over pairs
             loss, term_I, term_T = loss * w, term_I * w, term_T * w
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -207,8 +197,8 @@ def main(args):
             opt.step()
             for name, value in (("L_prompt", loss), ("L_prompt_I", term_I), ("L_prompt_T", term_T)):
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
-        means = {n: common.all_reduce_mean(v / steps, world) for n, v in sums.items()}
-        common.epoch_line(log, "prompt", epoch + 1, args.epochs, means, opt.param_groups[0]["lr"], time.time() - t0)
+        means = {n: runtime.all_reduce_mean(v / steps, world) for n, v in sums.items()}
+        runtime.epoch_line(log, "prompt", epoch + 1, args.epochs, means, opt.param_groups[0]["lr"], time.time() - t0)
         save(epoch + 1)
     with torch.no_grad():
         u_b = prompts(clip_model)
@@ -226,8 +216,8 @@ def main(args):
             log(f"nearest words to u^b {n}: " + ", ".join(f"{w} {c:.3f}" for w, c in pairs))
         save(args.epochs, {"nearest_words": near, "fit": fit})
     log(f"done: {out_path}")
-    common.cleanup_distributed()
+    runtime.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    common.run_cli(main, build_parser(), PRESETS)
+    runtime.run_cli(main, build_parser(), PRESETS)

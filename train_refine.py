@@ -19,43 +19,56 @@ Paper, VOC:
 Reads stage (a)'s checkpoint (any S checkpoint), the prompts and the CLIP; writes OUT/checkpoint.pt (resumed from if
 present), OUT/log.txt, OUT/args.json.
 """
+import argparse
+
 import torch
 
-import common
-import trainer
-from semples import (L_area, L_match, L_prompt, L_refine, Prompts, class_text_features, encode_images, load_frozen_clip,
-                     load_prompt_features, masked_pairs)
+from semples import datasets, presets, runtime, train_loop
+from semples.method import (FILLS, L_area, L_match, L_prompt, L_refine, Prompts, class_text_features, encode_images,
+                            load_frozen_clip, load_prompt_features, masked_pairs)
 
-PRESETS = common.presets(
-    voc=dict(out="out/voc/refine", init="out/voc/match/checkpoint.pt", prompts="out/voc/prompt/prompts.pt"),
-    # COCO and toy: stage (a)'s values (trainer.MATCHING_PRESETS, so that lambda 0 is L_match alone), and lambda
-    # (trainer.LAMBDA_REFINE, which says why toy's is 0.8).
-    coco=dict(out="out/coco/refine", init="out/coco/match/checkpoint.pt", prompts="out/coco/prompt/prompts.pt",
-              lambda_refine=trainer.LAMBDA_REFINE["coco"], lambda_T=0.01, **trainer.MATCHING_PRESETS["coco"]),
-    toy=dict(out="out/toy/refine", init="out/toy/match/checkpoint.pt", prompts="out/toy/prompt/prompts.pt",
-             prompt_length=8, lambda_refine=trainer.LAMBDA_REFINE["toy"], lambda_T=1.0,
-             **trainer.MATCHING_PRESETS["toy"]),
-)
+PRESETS = presets.of("train_refine")
+JOINT_PROMPT_LR = 0.1  # --joint: the prompts' AdamW lr before scaling by batch/512, stage (b)'s
 
 
 def build_parser():
-    p = trainer.add_flags(common.new_parser(__doc__), epochs=60, lr=5e-4, batch_size=64, matching=True)
+    p = train_loop.add_flags(runtime.new_parser(__doc__), epochs=60, lr=5e-4, batch_size=64)
+    # stage (a)'s flags (train_match.py; a test checks they agree): L_match is half of L_total
+    p.add_argument("--clip", type=str, default=None, help="CLIP model name (e.g. ViT-B/32) or checkpoint path")
+    p.add_argument("--init", type=str, default=None,
+                   help="checkpoint of S to start from (stage a: the CAM network; stage c: stage (a)'s S)")
+    p.add_argument("--train", type=str, default="head", choices=("head", "all"),
+                   help="what of S trains: the 1x1 classifier on fixed features (the release), or everything")
+    p.add_argument("--fill", type=str, default="mean", choices=FILLS,
+                   help="masked-out pixels: CLIP's mean colour (the mask multiplies the normalised image, "
+                        "as CLIMS and the release do) or black")
+    p.add_argument("--lambda_b", type=runtime.nonnegative_float, default=2.4,
+                   help="weight of the background term of L_match (Eq. 1)")
+    p.add_argument("--lambda_area", type=runtime.nonnegative_float, default=0.0,
+                   help="weight of CLIMS's area term mean(M), not in the paper (0 = off): it keeps M from "
+                        "covering the whole image, L_match's trivial minimum")
+    p.add_argument("--cache_features", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --train head (no effect with all): keep the fixed backbone features of each "
+                        "(image, flip) in memory after their first use, so that later epochs run only the head "
+                        "(the same training up to float rounding; memory: images x 2 x the feature map, 0.6 GB "
+                        "on the toy world)")
+    # stage (c)'s own
     p.add_argument("--prompts", type=str, default=None, help="stage (b) prompts file")
-    p.add_argument("--lambda_refine", type=common.nonnegative_float, default=trainer.LAMBDA_REFINE["voc"],
-                   help="lambda, the weight of L_refine (Eq. 3)")
+    p.add_argument("--lambda_refine", type=runtime.nonnegative_float, default=0.05,
+                   help="lambda, the weight of L_refine (Eq. 3; paper: 0.05 VOC)")
     p.add_argument("--joint", action="store_true",
                    help="paper Table 6: learn the prompts here, jointly with S, instead of reading --prompts")
-    p.add_argument("--lambda_T", type=common.nonnegative_float, default=0.02, help="with --joint: L_prompt's lambda_T")
-    p.add_argument("--prompt_length", type=common.positive_int, default=30, help="with --joint: prompt tokens")
-    p.add_argument("--prompt_lr", type=common.positive_float, default=0.1,
-                   help="with --joint: AdamW lr of the prompts before scaling by batch/512 (stage b's)")
+    p.add_argument("--lambda_T", type=runtime.nonnegative_float, default=0.02,
+                   help="with --joint: L_prompt's lambda_T (stage b's)")
+    p.add_argument("--prompt_length", type=runtime.positive_int, default=30,
+                   help="with --joint: prompt tokens (stage b's)")
     return p
 
 
 def main(args):
-    common.seed_everything(args.seed)  # before any weight is initialised
-    names = common.read_class_names(args.data, args.dataset)
-    device, _, _ = common.setup_device(args.device)
+    runtime.seed_everything(args.seed)  # before any weight is initialised
+    names = datasets.read_class_names(args.data, args.dataset)
+    device, _, _ = runtime.setup_device(args.device)
     clip_model = load_frozen_clip(args.clip, device)
     u_f = class_text_features(clip_model, names)
     res = clip_model.visual.input_resolution
@@ -81,9 +94,9 @@ def main(args):
         return loss, terms
     # -----------------------------------------------------------------
 
-    trainer.train(args, objective, "refine", extra=prompts if args.joint else None,
-                  extra_lr=args.prompt_lr, mean_over="pairs")  # every term: a mean over (image, class) pairs
+    train_loop.train(args, objective, "refine", extra=prompts if args.joint else None,
+                  extra_lr=JOINT_PROMPT_LR, mean_over="pairs")  # every term: a mean over (image, class) pairs
 
 
 if __name__ == "__main__":
-    common.run_cli(main, build_parser(), PRESETS)
+    runtime.run_cli(main, build_parser(), PRESETS)

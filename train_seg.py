@@ -12,12 +12,12 @@ Toy world (CPU, about 2 minutes; --masks data/toy/SegmentationClass for the grou
     python train_seg.py --dataset toy --device cpu
 Paper, VOC (one GPU; `torchrun --nproc_per_node 4 train_seg.py ...` for four):
     python train_seg.py --dataset voc --init data/resnet101-imagenet.pth --masks out/voc/pseudo/masks --crf
-Predict again from the finished checkpoint (e.g. with CRF or other scales):
-    python train_seg.py --dataset voc --eval_only --crf --out out/voc/seg
+Predict again with a finished segmenter (e.g. with CRF or other scales; OUT/pred is rewritten):
+    python train_seg.py --dataset voc --checkpoint out/voc/seg/checkpoint.pt --crf --out out/voc/seg_crf
 
-Writes OUT/checkpoint.pt (every --save_every iterations, resumed from if present; `num_classes` is the
+Writes OUT/checkpoint.pt (20 times a run, resumed from if present; `num_classes` is the
 foreground count K, the network has K+1 outputs), OUT/pred/{id}.png (VOC palette, what eval_miou.py
-scores), OUT/log.txt (one `iter ...` line every --log_every iterations, then `mIoU: xx.xx`), OUT/args.json.
+scores), OUT/log.txt (one `iter ...` line every 100 iterations, then `mIoU: xx.xx`), OUT/args.json.
 """
 import argparse
 import os
@@ -31,34 +31,28 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import common
-from cams import dense_crf
-from metrics import confusion_matrix, default_gt_dir, miou_from_confusion
-from semples import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, build_backbone, load_imagenet_backbone
+from semples import datasets, presets, runtime, train_loop
+from semples.cams import dense_crf
+from semples.metrics import confusion_matrix, default_gt_dir, miou_from_confusion
+from semples.network import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, build_backbone, load_imagenet_backbone
 
-PRESETS = common.presets(
-    voc=dict(masks="out/voc/pseudo/masks", out="out/voc/seg"),
-    coco=dict(masks="out/coco/pseudo/masks", out="out/coco/seg", iters=100000),
-    # Toy: random init (no ImageNet weights), so a small ResNet with trainable BN and a higher lr, the same
-    # for the head (a 10x head lr destabilises training from scratch: 24 vs 43 mIoU in a short test run).
-    toy=dict(masks="out/toy/pseudo/masks", out="out/toy/seg", backbone="tiny", crop=64, batch_size=16,
-             iters=1000, lr=0.02, head_lr_mult=1.0, freeze_bn=False, test_scales="1.0", save_every=250, log_every=100,
-             workers=1),
-)
+PRESETS = presets.of("train_seg")
 # Dense CRF of the segmenter's test (DeepLab-v2's VOC setting as in deeplab-pytorch, which WSSS papers reuse);
 # the pseudo-mask CRF of make_pseudo.py (cams.CRF_DEFAULTS) uses other parameters.
 SEG_CRF = dict(gauss_sxy=1, gauss_compat=3, bi_sxy=67, bi_srgb=3, bi_compat=4, iters=10)
 POLY_POWER = 0.9  # lr = base lr * (1 - iteration / iterations) ** POLY_POWER
 ASPP_RATES = (6, 12, 18, 24)  # dilation rates of the four ASPP branches
 SCALE_RANGE = (0.5, 1.5)  # random rescale range of the training images
-# Flags that shape no trained weight: a resumed run may differ in these (common.check_resume checks the rest).
-RESUME_FREE = ("eval_only", "checkpoint", "eval_split", "test_scales", "flip", "crf", "stop_after", "save_every",
-               "log_every")
+# Flags that shape no trained weight: a resumed run may differ in these (runtime.check_resume checks the rest).
+RESUME_FREE = ("checkpoint", "eval_split", "test_scales", "crf", "stop_after")
+MOMENTUM = 0.9  # SGD momentum (DeepLab's)
+LOG_EVERY = 100  # iterations per log line
+CHECKPOINTS = 20  # checkpoints a run writes (every iters / 20 iterations): a kill loses at most 5% of the run
 
 
 def build_parser():
-    p = common.new_parser(__doc__)
-    common.add_common_flags(p)
+    p = runtime.new_parser(__doc__)
+    runtime.add_common_flags(p)
     p.add_argument("--masks", type=str, default=None,
                    help="training masks: folder of {id}.png class-index PNGs, 255 ignored (pseudo masks, or "
                         "the ground-truth folder for an upper bound)")
@@ -72,27 +66,23 @@ def build_parser():
                    help="backbone output stride (8 in DeepLab-v2)")
     p.add_argument("--freeze_bn", action=argparse.BooleanOptionalAction, default=True,
                    help="keep backbone BatchNorm in eval mode with frozen affine (DeepLab-v2 with ImageNet init)")
-    p.add_argument("--crop", type=common.positive_int, default=321, help="training crop size (square)")
-    p.add_argument("--batch_size", type=common.positive_int, default=10, help="images per iteration, summed over GPUs")
-    p.add_argument("--iters", type=common.positive_int, default=20000, help="training iterations")
-    p.add_argument("--lr", type=common.positive_float, default=2.5e-4, help="SGD lr of the backbone (poly 0.9 decay)")
-    p.add_argument("--head_lr_mult", type=common.positive_float, default=10.0,
+    p.add_argument("--crop", type=runtime.positive_int, default=321, help="training crop size (square)")
+    p.add_argument("--batch_size", type=runtime.positive_int, default=10, help="images per iteration, summed over GPUs")
+    p.add_argument("--iters", type=runtime.positive_int, default=20000, help="training iterations")
+    p.add_argument("--lr", type=runtime.positive_float, default=2.5e-4, help="SGD lr of the backbone (poly 0.9 decay)")
+    p.add_argument("--head_lr_mult", type=runtime.positive_float, default=10.0,
                    help="lr multiplier of the ASPP weights (its biases get twice this)")
-    p.add_argument("--momentum", type=common.unit_float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight_decay", type=common.nonnegative_float, default=5e-4, help="SGD weight decay")
-    p.add_argument("--save_every", type=common.positive_int, default=1000, help="checkpoint every N iterations")
-    p.add_argument("--log_every", type=common.positive_int, default=100, help="log line every N iterations")
-    p.add_argument("--stop_after", type=common.nonnegative_int, default=0,
+    p.add_argument("--weight_decay", type=runtime.nonnegative_float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--stop_after", type=runtime.nonnegative_int, default=0,
                    help="stop (checkpoint saved) after this many iterations in total, schedule unchanged, "
                         "as if killed; rerun to continue (for time-limited jobs); 0 = off")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from OUT/checkpoint.pt if present (refused if result-shaping flags changed); "
                         "--no-resume removes it and starts afresh")
-    p.add_argument("--eval_only", action="store_true", help="skip training; predict with --checkpoint")
-    p.add_argument("--checkpoint", type=str, default=None, help="segmenter for --eval_only (default OUT/checkpoint.pt)")
-    p.add_argument("--test_scales", type=common.float_list, default="0.5,0.75,1.0,1.25",
+    p.add_argument("--checkpoint", type=str, default=None,
+                   help="a finished segmenter: skip training, predict (and score) --eval_split with it")
+    p.add_argument("--test_scales", type=runtime.float_list, default="0.5,0.75,1.0,1.25",
                    help="comma list of inference scales")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="add flipped inputs at test")
     p.add_argument("--crf", action="store_true",
                    help="dense CRF (SEG_CRF parameters) on the averaged probabilities, via cams.dense_crf")
     return p
@@ -165,7 +155,7 @@ class SegDataset(torch.utils.data.Dataset):
     def __init__(self, root, split, masks, num_outputs, crop, scale_range, seed):
         self.root, self.masks, self.K1, self.crop, self.scales = root, masks, num_outputs, crop, scale_range
         self.seed = seed
-        self.ids = common.read_ids(root, split)
+        self.ids = datasets.read_ids(root, split)
         check_masks(masks, self.ids)
         self.pad = np.array(IMAGENET_MEAN, np.float32) * 255
 
@@ -175,9 +165,9 @@ class SegDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         n, step = key
         i = self.ids[n]
-        img = common.read_image(common.image_path(self.root, i))
+        img = datasets.read_image(datasets.image_path(self.root, i))
         path = os.path.join(self.masks, f"{i}.png")
-        mask = common.read_mask(path)
+        mask = datasets.read_mask(path)
         if mask.shape != img.shape[:2]:
             raise ValueError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]}, its image {img.shape[1]}x{img.shape[0]}")
         bad = mask[(mask >= self.K1) & (mask != 255)]
@@ -204,12 +194,12 @@ class SegDataset(torch.utils.data.Dataset):
 
 class StepBatches(torch.utils.data.Sampler):
     """Batches of (index, iteration) for iterations start..iters-1: a fresh permutation per pass over the
-    data (seeded by (seed, pass)); each process takes its share of the global batch (common.rank_share), so
+    data (seeded by (seed, pass)); each process takes its share of the global batch (runtime.rank_share), so
     that the processes together train on exactly the batches of one process."""
 
     def __init__(self, n, batch, start, iters, seed, rank, world):
         self.n, self.batch, self.start, self.iters, self.seed = n, batch, start, iters, seed
-        self.mine = slice(*common.rank_share(batch, rank, world))
+        self.mine = slice(*runtime.rank_share(batch, rank, world))
         self.per_pass = n // batch
 
     def __len__(self):
@@ -226,26 +216,26 @@ class StepBatches(torch.utils.data.Sampler):
 # Inference: multi-scale + flip, softmax averaged, optional CRF
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def predict_probs(net, image, scales, flip, device, amp):
-    """image uint8 HxWx3 -> class probabilities [K+1, H, W] (float32, CPU)."""
+def predict_probs(net, image, scales, device, amp):
+    """image uint8 HxWx3 -> class probabilities [K+1, H, W] (float32, CPU): the softmax averaged over the scales
+    and the horizontal flip of each."""
     H, W = image.shape[:2]
     x = torch.from_numpy(image.copy()).to(device).permute(2, 0, 1)[None].float() / 255
     total = 0
     for s in scales:
         xs = x if s == 1 else F.interpolate(x, size=(max(1, round(H * s)), max(1, round(W * s))),
                                             mode="bilinear", align_corners=False)
-        batch = torch.cat([xs, xs.flip(-1)]) if flip else xs
-        with common.autocast(device, amp):
-            logits = net(batch)
+        with runtime.autocast(device, amp):
+            logits = net(torch.cat([xs, xs.flip(-1)]))
         p = F.interpolate(logits.float(), size=(H, W), mode="bilinear", align_corners=False).softmax(1)
-        total = total + p[0] + (p[1].flip(-1) if flip else 0)
-    return (total / (len(scales) * (2 if flip else 1))).cpu()
+        total = total + p[0] + p[1].flip(-1)
+    return (total / (2 * len(scales))).cpu()
 
 
 def evaluate(net, args, names, device, rank, world, log):
     """Write OUT/pred/{id}.png for the ids of --eval_split (split over processes); score them if the
     ground truth is there. Returns the mIoU (percent) or None."""
-    ids = common.read_ids(args.data, args.eval_split)
+    ids = datasets.read_ids(args.data, args.eval_split)
     gt_dir = default_gt_dir(args.data, ids)  # the one eval_miou.py scores against
     have_gt = all(os.path.exists(os.path.join(gt_dir, f"{i}.png")) for i in ids)
     K1 = len(names) + 1
@@ -254,26 +244,26 @@ def evaluate(net, args, names, device, rank, world, log):
     net.eval()
     conf = np.zeros((K1, K1), np.int64)
     mine = ids[rank::world]
-    loader = torch.utils.data.DataLoader(common.ImageList(args.data, mine), batch_size=None,
+    loader = torch.utils.data.DataLoader(datasets.ImageList(args.data, mine), batch_size=None,
                                          num_workers=args.workers)
     t0 = time.time()
-    for image, n in common.progress(loader, f"predict {args.eval_split}", rank == 0):
+    for image, n in runtime.progress(loader, f"predict {args.eval_split}", rank == 0):
         image, i = image.numpy(), mine[n]
-        probs = predict_probs(net, image, scales, args.flip, device, args.amp)
+        probs = predict_probs(net, image, scales, device, args.amp)
         if args.crf:
             pred = dense_crf(image, probs.numpy(), **SEG_CRF)  # probability unaries (-log p)
         else:
             pred = probs.argmax(0).numpy()
         pred = np.asarray(pred, np.uint8)
-        common.save_mask(os.path.join(pred_dir, f"{i}.png"), pred)
+        datasets.save_mask(os.path.join(pred_dir, f"{i}.png"), pred)
         if have_gt:
             gt_path = os.path.join(gt_dir, f"{i}.png")
-            conf += confusion_matrix(common.read_mask(gt_path), pred, K1, where=gt_path)
+            conf += confusion_matrix(datasets.read_mask(gt_path), pred, K1, where=gt_path)
     if world > 1:
         t = torch.from_numpy(conf).to(device if device.type == "cuda" else "cpu")
         dist.all_reduce(t)
         conf = t.cpu().numpy()
-    log(f"predicted {len(ids)} '{args.eval_split}' images -> {pred_dir} (scales {scales}, flip {args.flip}, "
+    log(f"predicted {len(ids)} '{args.eval_split}' images -> {pred_dir} (scales {scales} with flips, "
         f"crf {args.crf}) time {time.time() - t0:.1f}s")
     if not have_gt:
         log(f"no ground truth for every '{args.eval_split}' id in {gt_dir}: not scored")
@@ -290,12 +280,12 @@ def evaluate(net, args, names, device, rank, world, log):
 # Training
 # ----------------------------------------------------------------------------------------------
 def main(args):
-    device, rank, world, log, ckpt_path, names = common.begin(args)
+    device, rank, world, log, ckpt_path, names = train_loop.begin(args)
     K = len(names)
 
-    if args.eval_only:
-        path = args.checkpoint or ckpt_path
-        ckpt = common.load_checkpoint(path, "segmenter", "--checkpoint")
+    if args.checkpoint:
+        path = args.checkpoint
+        ckpt = runtime.load_checkpoint(path, "segmenter", "--checkpoint")
         if ckpt["num_classes"] != K:
             raise ValueError(f"--checkpoint {path} was trained for {ckpt['num_classes']} foreground classes "
                              f"{ckpt['class_names'][:3]}..., the dataset {args.data} has {K} {names[:3]}...")
@@ -304,10 +294,10 @@ def main(args):
         if not ckpt.get("done"):
             log(f"warning: {path} is unfinished (iteration {ckpt['iter']}/{ckpt['iters']})")
         miou = evaluate(net, args, names, device, rank, world, log)
-        common.cleanup_distributed()
+        runtime.cleanup_distributed()
         return miou
 
-    common.rank_share(args.batch_size, rank, world)  # before reading data: refuses more processes than images
+    runtime.rank_share(args.batch_size, rank, world)  # before reading data: refuses more processes than images
     data = SegDataset(args.data, args.split, args.masks, K + 1, args.crop, SCALE_RANGE, args.seed)
     if len(data) < args.batch_size:
         raise ValueError(f"--batch_size {args.batch_size} is larger than the {len(data)} images of '{args.split}'")
@@ -324,10 +314,10 @@ def main(args):
     body = [p for p in net.backbone.parameters() if p.requires_grad]
     mults = [1.0, args.head_lr_mult, 2 * args.head_lr_mult]
     opt = torch.optim.SGD([{"params": body}, {"params": head_w}, {"params": head_b}], lr=args.lr,
-                          momentum=args.momentum, weight_decay=args.weight_decay)
+                          momentum=MOMENTUM, weight_decay=args.weight_decay)
 
     start = 0
-    ckpt = common.resume_or_start(args, ckpt_path, "segmenter", log, rank, RESUME_FREE)
+    ckpt = runtime.resume_or_start(args, ckpt_path, "segmenter", log, rank, RESUME_FREE)
     if ckpt is not None:
         if ckpt["num_classes"] != K:
             raise ValueError(f"{ckpt_path} has {ckpt['num_classes']} classes, the dataset {K}; use a new --out")
@@ -345,7 +335,7 @@ def main(args):
 
     def save(it):
         if rank == 0:
-            common.save_checkpoint({"kind": "segmenter", "model": net.state_dict(), "optimizer": opt.state_dict(),
+            runtime.save_checkpoint({"kind": "segmenter", "model": net.state_dict(), "optimizer": opt.state_dict(),
                                     "iter": it, "iters": args.iters, "done": it == args.iters, "num_classes": K,
                                     "class_names": names, "args": vars(args)}, ckpt_path)
 
@@ -356,38 +346,38 @@ def main(args):
     model.train()
     loss_sum, n_sum, t0 = 0.0, 0, time.time()
     it = start
-    for it, (x, target) in enumerate(common.progress(loader, "train", rank == 0, total=end - start), start + 1):
+    for it, (x, target) in enumerate(runtime.progress(loader, "train", rank == 0, total=end - start), start + 1):
         for g, m in zip(opt.param_groups, mults):
-            g["lr"] = common.poly_lr(args.lr * m, it - 1, args.iters, POLY_POWER)
+            g["lr"] = runtime.poly_lr(args.lr * m, it - 1, args.iters, POLY_POWER)
         x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
         # ---------------- algorithm logic ----------------
-        with common.autocast(device, args.amp):
+        with runtime.autocast(device, args.amp):
             logits = model(x)
         logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
         loss = F.cross_entropy(logits, target, ignore_index=255)  # a mean over the labelled pixels
         # --------------------------------------------------
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at iteration {it}; lower --lr")
-        loss = loss * common.global_mean_weight(int((target != 255).sum()), world)  # this process's share
+        loss = loss * runtime.global_mean_weight(int((target != 255).sum()), world)  # this process's share
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         loss_sum, n_sum = loss_sum + loss.item(), n_sum + 1
-        if it % args.log_every == 0 or it == end:
-            log(f"iter {it}/{args.iters} loss {common.all_reduce_mean(loss_sum / n_sum, world):.4f} "
+        if it % LOG_EVERY == 0 or it == end:
+            log(f"iter {it}/{args.iters} loss {runtime.all_reduce_mean(loss_sum / n_sum, world):.4f} "
                 f"lr {opt.param_groups[0]['lr']:.2e} time {time.time() - t0:.1f}s")
             loss_sum, n_sum = 0.0, 0
-        if it % args.save_every == 0 or it == end:
+        if it % max(1, args.iters // CHECKPOINTS) == 0 or it == end:
             save(it)
     if end < args.iters:
         log(f"stopped at iteration {end}/{args.iters} (--stop_after); rerun to continue")
-        common.cleanup_distributed()
+        runtime.cleanup_distributed()
         return None
     log(f"done: {ckpt_path}")
     miou = evaluate(net, args, names, device, rank, world, log)
-    common.cleanup_distributed()
+    runtime.cleanup_distributed()
     return miou
 
 
 if __name__ == "__main__":
-    common.run_cli(main, build_parser(), PRESETS)
+    runtime.run_cli(main, build_parser(), PRESETS)

@@ -15,7 +15,7 @@ TOY_CLIP = dict(steps=30, batch_size=32, lr=1e-3, bg_pool=8, cut_pool=32, seed=0
 
 @pytest.fixture(scope="session", autouse=True)
 def label_cache(tmp_path_factory):
-    """Derived image labels (common.derive_labels) are cached in a session folder, not in the home directory;
+    """Derived image labels (datasets.derive_labels) are cached in a session folder, not in the home directory;
     subprocesses inherit it."""
     os.environ["SEMPLES_CACHE"] = str(tmp_path_factory.mktemp("semples_cache"))
 
@@ -28,7 +28,7 @@ def toy_world(tmp_path_factory):
     Returns {"root": dataset folder, "clip": path of tiny_clip.pt (clip.load reads it),
     "num_classes": K, "class_names": [K names], "meta": toy_meta.json dict,
     "clip_meta": the pretraining meta incl. "loss_history"}. Treat it as read-only."""
-    import make_toy
+    from tools import make_toy
 
     root = str(tmp_path_factory.mktemp("toy"))
     meta = make_toy.generate_dataset(root, quiet=True, **TOY_WORLD)

@@ -1,6 +1,6 @@
 """Test helper (tests/test_distributed.py): run a stage's real main() and keep what its first optimisation
 step applies: the gradient of every parameter the optimizer steps, and every value the stage reduces over
-processes for its log (common.all_reduce_mean: the losses). Under DDP the gradients seen by the optimizer
+processes for its log (runtime.all_reduce_mean: the losses). Under DDP the gradients seen by the optimizer
 are already averaged over the processes, so they are the step's gradient.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/one_step.py RESULT.pt SCRIPT FLAGS...
@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import common  # noqa: E402  (after the repository is on the path)
+from semples import runtime
 
 
 def run(script, argv):
@@ -33,7 +33,7 @@ def run(script, argv):
             seen["grads"] = [None if p.grad is None else p.grad.detach().cpu().clone()
                              for g in opt.param_groups for p in g["params"]]
 
-    real_mean = common.all_reduce_mean
+    real_mean = runtime.all_reduce_mean
 
     def keep_logged(value, world):
         mean = real_mean(value, world)
@@ -41,12 +41,12 @@ def run(script, argv):
         return mean
 
     hook = register_optimizer_step_pre_hook(keep_gradients)
-    common.all_reduce_mean = keep_logged
+    runtime.all_reduce_mean = keep_logged
     try:
-        module.main(common.parse_args(module.build_parser(), module.PRESETS, argv))
+        module.main(runtime.parse_args(module.build_parser(), module.PRESETS, argv))
     finally:
         hook.remove()
-        common.all_reduce_mean = real_mean
+        runtime.all_reduce_mean = real_mean
     return seen
 
 

@@ -13,12 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-import common
-import compare_clusters
+from semples import datasets, network, runtime
 import eval_miou
 import make_pseudo
-import report
-import semples
+from tools import compare_clusters, report
 import train_cam
 import train_match
 import train_prompt
@@ -33,7 +31,7 @@ CPU = ["--dataset", "toy", "--device", "cpu", "--workers", "0"]
 
 def stage(name, argv):
     module = SCRIPTS[name]
-    return module.main(common.parse_args(module.build_parser(), module.PRESETS, [str(a) for a in argv]))
+    return module.main(runtime.parse_args(module.build_parser(), module.PRESETS, [str(a) for a in argv]))
 
 
 def error_of(name, argv, capsys):
@@ -50,8 +48,8 @@ def error_of(name, argv, capsys):
 def fake_S(path, class_names, seed):
     """A mask generator checkpoint as train_cam.py writes one, random weights."""
     torch.manual_seed(seed)
-    S = semples.MaskGenerator("tiny", len(class_names), 8)
-    common.save_checkpoint({"kind": "mask_generator", "model": S.state_dict(), "num_classes": len(class_names),
+    S = network.MaskGenerator("tiny", len(class_names), 8)
+    runtime.save_checkpoint({"kind": "mask_generator", "model": S.state_dict(), "num_classes": len(class_names),
                             "class_names": class_names, "args": {"backbone": "tiny", "output_stride": 8, "size": 64},
                             "epoch": 1, "epochs": 1, "done": True}, str(path))
     return str(path)
@@ -151,12 +149,12 @@ def test_run_from_another_folder(w, tmp_path, monkeypatch):
     """Preset paths are the repository's, the toy CLIP is DATA's, and a missing --data folder says so
     (as a script run from elsewhere: exit 1 and one error line, no traceback)."""
     monkeypatch.chdir(tmp_path)
-    args = common.parse_args(train_match.build_parser(), train_match.PRESETS, ["--dataset", "toy", "--data", w["root"]])
+    args = runtime.parse_args(train_match.build_parser(), train_match.PRESETS, ["--dataset", "toy", "--data", w["root"]])
     assert args.clip == os.path.join(w["root"], "tiny_clip.pt")
-    assert args.out == os.path.join(common.REPO, "out", "toy", "match")
-    assert common.parse_args(train_cam.build_parser(), train_cam.PRESETS, ["--dataset", "toy"]).data == \
-        os.path.join(common.REPO, "data", "toy")
-    p = subprocess.run([sys.executable, os.path.join(common.REPO, "train_cam.py"), "--dataset", "toy", "--device",
+    assert args.out == os.path.join(runtime.REPO, "out", "toy", "match")
+    assert runtime.parse_args(train_cam.build_parser(), train_cam.PRESETS, ["--dataset", "toy"]).data == \
+        os.path.join(runtime.REPO, "data", "toy")
+    p = subprocess.run([sys.executable, os.path.join(runtime.REPO, "train_cam.py"), "--dataset", "toy", "--device",
                         "cpu", "--data", "nowhere"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "train_cam.py: error: --data folder nowhere does not exist" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and "class_names.txt" not in p.stderr
@@ -167,7 +165,7 @@ def test_help_lists_every_preset(script, capsys):
     module = SCRIPTS[script]
     for dataset in ("voc", "toy"):
         with pytest.raises(SystemExit) as e:
-            common.parse_args(module.build_parser(), module.PRESETS, ["--dataset", dataset, "--help"])
+            runtime.parse_args(module.build_parser(), module.PRESETS, ["--dataset", dataset, "--help"])
         assert e.value.code == 0
         text = capsys.readouterr().out
         epilog = " ".join(text.split("presets (")[1].split())
@@ -190,14 +188,14 @@ def snapshot(root):
 def test_labels_follow_the_masks_and_nothing_is_written_into_the_dataset(w, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(w["root"], root, ignore=shutil.ignore_patterns("tiny_clip.pt", "cls_labels.json"))
-    ids, K = common.read_ids(str(root), "train"), w["num_classes"]
-    before = common.load_labels(str(root), ids, K)
+    ids, K = datasets.read_ids(str(root), "train"), w["num_classes"]
+    before = datasets.load_labels(str(root), ids, K)
     mask_path = root / "SegmentationClass" / f"{ids[0]}.png"
     other = [k for k in range(1, K + 1) if not before[0, k - 1]][0]
     mask = np.zeros((64, 64), np.uint8)
     mask[10:30, 10:30] = other
-    common.save_mask(str(mask_path), mask)
-    after = common.load_labels(str(root), ids, K)
+    datasets.save_mask(str(mask_path), mask)
+    after = datasets.load_labels(str(root), ids, K)
     assert np.flatnonzero(after[0]).tolist() == [other - 1] and (after[1:] == before[1:]).all()
     # a read-only dataset: a stage reads it and writes nothing into it (root ignores the mode bits,
     # so the snapshot is what tells)
@@ -222,7 +220,7 @@ def test_cam_reuse_is_keyed_per_file(w, tmp_path, capsys):
     stage("make_pseudo", base + ["--split", "val", "--checkpoint", Y])
     stage("make_pseudo", base + ["--split", "val", "--checkpoint", Y])  # the same key: reused
     msg = error_of("make_pseudo", base + ["--split", "train", "--checkpoint", Y], capsys)
-    first = common.read_ids(w["root"], "train")[0]
+    first = datasets.read_ids(w["root"], "train")[0]
     assert "other fingerprint" in msg and f"{first}.npz" in msg and "S.pt" in msg, msg
     msg = error_of("make_pseudo", base + ["--split", "val", "--checkpoint", Y, "--scales", "1.0"], capsys)
     assert "other scales" in msg, msg
@@ -262,23 +260,23 @@ def test_a_full_disk_is_named_and_leaves_no_partial_file(tmp_path, monkeypatch, 
     Usage = type(shutil.disk_usage(tmp_path))
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
     with pytest.raises(OSError, match=r"could not write .*checkpoint\.pt: its disk is full \(1 MiB free with 3 MiB"):
-        common.save_checkpoint({"w": torch.zeros(3)}, str(path))
+        runtime.save_checkpoint({"w": torch.zeros(3)}, str(path))
     assert os.listdir(path.parent) == []
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10 * 2**30, 2**30, 9 * 2**30))
     with pytest.raises(RuntimeError, match="unexpected pos") as e:
-        common.save_checkpoint({"w": torch.zeros(3)}, str(path))
+        runtime.save_checkpoint({"w": torch.zeros(3)}, str(path))
     assert not isinstance(e.value, OSError) and os.listdir(path.parent) == []
 
     # A stage's command line ends on it with one line naming the file, like any bad input.
     def main(args):
-        common.save_checkpoint({"w": torch.zeros(3)}, str(path))
+        runtime.save_checkpoint({"w": torch.zeros(3)}, str(path))
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10 * 2**30, 10 * 2**30, 0))
     monkeypatch.setattr(sys, "argv", ["stage.py"])
-    parser = common.new_parser("a stage")
+    parser = runtime.new_parser("a stage")
     with pytest.raises(SystemExit) as e:
-        common.run_cli(main, parser, {"voc": {}})
+        runtime.run_cli(main, parser, {"voc": {}})
     assert e.value.code == 1
     assert "stage.py: error: [Errno 28] could not write" in capsys.readouterr().err
 
@@ -287,9 +285,9 @@ def test_a_background_line_in_class_names_is_not_a_class(tmp_path):
     """VOC-style lists (labelme's, imgviz's) begin with the background; mask index k is still class k."""
     for first in ("_background_", "background", "__Background__"):
         (tmp_path / "class_names.txt").write_text(f"{first}\nboat\ncamel\n")
-        assert common.read_class_names(str(tmp_path)) == ["boat", "camel"]
+        assert datasets.read_class_names(str(tmp_path)) == ["boat", "camel"]
     (tmp_path / "class_names.txt").write_text("boat\nbackground\n")  # only a first line is the background's
-    assert common.read_class_names(str(tmp_path)) == ["boat", "background"]
+    assert datasets.read_class_names(str(tmp_path)) == ["boat", "background"]
 
 
 def test_masks_are_read_as_class_indices_or_refused(tmp_path):
@@ -300,11 +298,11 @@ def test_masks_are_read_as_class_indices_or_refused(tmp_path):
     for name, im in [("p", Image.fromarray(m, "L").convert("P")), ("l", Image.fromarray(m)),
                      ("i16", Image.fromarray(m.astype(np.uint16)))]:
         im.save(tmp_path / f"{name}.png")
-        got = common.read_mask(str(tmp_path / f"{name}.png"))
+        got = datasets.read_mask(str(tmp_path / f"{name}.png"))
         assert got.dtype == np.uint8 and (got == m).all(), name
     Image.fromarray(np.full((2, 3), 300, np.uint16)).save(tmp_path / "big.png")
     Image.fromarray(np.stack([m] * 3, -1)).save(tmp_path / "rgb.png")
     for name, fragment in [("big", "0..255"), ("rgb", "has mode RGB")]:
         with pytest.raises(ValueError, match=fragment) as e:
-            common.read_mask(str(tmp_path / f"{name}.png"))
+            datasets.read_mask(str(tmp_path / f"{name}.png"))
         assert f"{name}.png" in str(e.value)

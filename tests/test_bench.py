@@ -10,7 +10,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "--dataset", "toy", "--device", "cpu",
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "bench.py"), "--dataset", "toy", "--device", "cpu",
                            "--steps", "1", "--images", "2", "--pairs", "4", "--workers", "2", "--batch", "4",
                            "--batch_b", "8", "--json", str(out)], cwd=REPO, capture_output=True, text=True,
                           timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -56,6 +56,7 @@ def _assert_same_features(ours, theirs, images, tokens, atol=1e-4):
 
 # ---------------------------------------------------------------- parity with open_clip
 
+@pytest.mark.smoke
 def test_vit_b32_matches_open_clip(tmp_path):
     torch.manual_seed(0)
     ref = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()
@@ -70,6 +71,7 @@ def test_vit_b32_matches_open_clip(tmp_path):
     _assert_same_features(model, ref, images, clip.tokenize(TEXTS))
 
 
+@pytest.mark.smoke
 def test_small_modified_resnet_matches_open_clip(tmp_path):
     torch.manual_seed(0)
     vision = CLIPVisionCfg(layers=(1, 2, 1, 1), width=32, image_size=64, patch_size=None)
@@ -92,6 +94,7 @@ def test_small_modified_resnet_matches_open_clip(tmp_path):
     assert torch.equal(logits_per_text, logits_per_image.t())
 
 
+@pytest.mark.smoke
 def test_patch_features(tmp_path):
     """encode_image_patches: 'tokens' = open_clip's ViT patch tokens (after ln_post) times the visual
     projection; 'value' (MaskCLIP) = the last block's own attention made to attend each token to itself
@@ -164,6 +167,7 @@ HARD_STRINGS = [
 ]
 
 
+@pytest.mark.smoke
 def test_tokenize_matches_open_clip():
     ref = open_clip.tokenizer.SimpleTokenizer()
     ours = clip.tokenize(HARD_STRINGS)
@@ -178,6 +182,7 @@ def test_tokenize_matches_open_clip():
         assert tok.decode(ids) == ref.decode(ids), s
 
 
+@pytest.mark.smoke
 def test_tokenize_too_long():
     long_text = "a very long caption " * 30
     with pytest.raises(ValueError, match="too long for context length 77"):

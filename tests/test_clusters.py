@@ -9,26 +9,25 @@ import sys
 import pytest
 import torch
 
-import common
-import make_toy
-import semples
+from semples import datasets, network
+from tools import make_toy
 import train_cam
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--dataset", "toy", "--device", "cpu", "--workers", "0", "--batch_size", "16", "--size", "64"]
 
 
-@pytest.mark.parametrize("name,classes", [("voc", common.VOC_CLASSES), ("coco", common.COCO_CLASSES),
+@pytest.mark.parametrize("name,classes", [("voc", datasets.VOC_CLASSES), ("coco", datasets.COCO_CLASSES),
                                           ("toy", make_toy.NAMES)])
 def test_shipped_cluster_files_hold_every_class_once(name, classes):
-    clusters = common.read_clusters(os.path.join(REPO, "clusters", f"{name}.json"), classes)
+    clusters = datasets.read_clusters(os.path.join(REPO, "semples", "clusters", f"{name}.json"), classes)
     assert sorted(c for members in clusters.values() for c in members) == sorted(classes)
     assert any(len(members) > 1 for members in clusters.values())  # something to share
 
 
 def test_toy_world_writes_its_cluster_file_once(toy_world):
     path = os.path.join(toy_world["root"], "clusters.json")
-    with open(path) as f, open(os.path.join(REPO, "clusters", "toy.json")) as g:
+    with open(path) as f, open(os.path.join(REPO, "semples", "clusters", "toy.json")) as g:
         assert json.load(f) == json.load(g)
     before = os.stat(path).st_mtime_ns
     make_toy.write_clusters(toy_world["root"])  # unchanged: not rewritten (run.sh keys on file times)
@@ -38,9 +37,9 @@ def test_toy_world_writes_its_cluster_file_once(toy_world):
 def _pair(K, clusters):
     """S without and with clusters, equal weights; the clusters' shared maps start at zero."""
     torch.manual_seed(0)
-    plain = semples.MaskGenerator("tiny", K, 8)
+    plain = network.MaskGenerator("tiny", K, 8)
     torch.manual_seed(0)
-    with_c = semples.MaskGenerator("tiny", K, 8, clusters)
+    with_c = network.MaskGenerator("tiny", K, 8, clusters)
     assert with_c.load_state_dict(plain.state_dict(), strict=False).missing_keys == ["cluster_classifier.weight"]
     return plain, with_c
 
@@ -98,21 +97,21 @@ def test_cam_network_with_clusters_goes_through_stage_a(toy_world, tmp_path):
     run("train_cam.py", *FAST, "--data", root, "--out", str(out / "plain"), "--epochs", "1")
     log = (out / "cam" / "log.txt").read_text()
     assert "L_cluster" in log and "L_cluster" not in (out / "plain" / "log.txt").read_text()
-    S, ckpt = semples.load_mask_generator(str(out / "cam" / "checkpoint.pt"), "cpu")
+    S, ckpt = network.load_mask_generator(str(out / "cam" / "checkpoint.pt"), "cpu")
     assert ckpt["clusters"] == [[0, 1, 2, 3], [4, 6, 7], [5]] and S.cluster_classifier.weight.abs().sum() > 0
     plain = torch.load(out / "plain" / "checkpoint.pt", weights_only=True)["model"]
     assert not torch.equal(plain["backbone.0.0.weight"], ckpt["model"]["backbone.0.0.weight"])
     run("train_match.py", "--dataset", "toy", "--device", "cpu", "--workers", "0", "--batch_size", "16",
         "--data", root, "--clip", toy_world["clip"], "--init", str(out / "cam" / "checkpoint.pt"),
         "--out", str(out / "match"), "--epochs", "1")
-    S_a, ckpt_a = semples.load_mask_generator(str(out / "match" / "checkpoint.pt"), "cpu")
+    S_a, ckpt_a = network.load_mask_generator(str(out / "match" / "checkpoint.pt"), "cpu")
     assert ckpt_a["clusters"] == ckpt["clusters"]  # carried on: the next stages rebuild the same S
     assert not torch.equal(S_a.cluster_classifier.weight, S.cluster_classifier.weight)  # trains with the head
     assert torch.equal(S_a.backbone[0][0].weight, S.backbone[0][0].weight)  # --train head: backbone fixed
     run("make_pseudo.py", "--dataset", "toy", "--device", "cpu", "--workers", "0", "--data", root,
         "--checkpoint", str(out / "match" / "checkpoint.pt"), "--split", "train", "--out", str(out / "p"),
         "--cams_only")
-    assert len(os.listdir(out / "p" / "cams")) == len(common.read_ids(root, "train"))
+    assert len(os.listdir(out / "p" / "cams")) == len(datasets.read_ids(root, "train"))
     # The cluster file is part of the run: another grouping under the same path is not resumed from.
     (tmp_path / "other.json").write_text(json.dumps({"all": toy_world["class_names"]}))
     p = subprocess.run([sys.executable, os.path.join(REPO, "train_cam.py"), *FAST, "--data", root, "--out",

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import common
+from semples import datasets, runtime, train_loop
 import one_step
 import train_seg
-import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--dataset", "toy", "--device", "cpu", "--workers", "0"]
@@ -51,7 +50,7 @@ def pipeline(toy_world, tmp_path_factory):
              "--out", out / "refine", "--batch_size", 7)
     torchrun("train_seg.py", *FAST, "--data", toy_world["root"], "--split", "train", "--out", out / "seg",
              "--masks", os.path.join(toy_world["root"], "SegmentationClass"), "--batch_size", 5, "--iters", 3,
-             "--crop", 32, "--test_scales", "1.0", "--no-flip")
+             "--crop", 32, "--test_scales", "1.0")
     return out
 
 
@@ -59,18 +58,18 @@ def test_every_stage_finishes_under_torchrun(pipeline, toy_world):
     for stage, name, kind in [("cam", "checkpoint.pt", "mask_generator"), ("match", "checkpoint.pt", "mask_generator"),
                               ("prompt", "prompts.pt", "prompts"), ("refine", "checkpoint.pt", "mask_generator"),
                               ("seg", "checkpoint.pt", "segmenter")]:
-        ckpt = common.load_checkpoint(str(pipeline / stage / name), kind)
+        ckpt = runtime.load_checkpoint(str(pipeline / stage / name), kind)
         assert ckpt["done"], stage
         log = (pipeline / stage / "log.txt").read_text()
         assert "done: " in log and ("iter 3/3 loss" in log if stage == "seg" else f"epoch 1/1 [{stage}]" in log), log
     assert "mIoU: " in (pipeline / "seg" / "log.txt").read_text()  # val predicted by both processes, scored once
     pred = os.listdir(pipeline / "seg" / "pred")
-    assert sorted(pred) == sorted(f"{i}.png" for i in common.read_ids(toy_world["root"], "val"))
+    assert sorted(pred) == sorted(f"{i}.png" for i in datasets.read_ids(toy_world["root"], "val"))
 
 
 def test_stage_b_takes_S_size_from_stage_a(pipeline):
     """train_prompt.py runs S at stage (a)'s input size (64 here; the toy preset says 96) and records it."""
-    args = common.load_checkpoint(str(pipeline / "prompt" / "prompts.pt"), "prompts")["args"]
+    args = runtime.load_checkpoint(str(pipeline / "prompt" / "prompts.pt"), "prompts")["args"]
     assert (args["size"], args["backbone"], args["fill"]) == (64, "tiny", "mean")
     assert torch.load(pipeline / "prompt" / "cache.pt", weights_only=True)["key"]["size"] == 64
 
@@ -86,17 +85,17 @@ def test_more_processes_than_images_refused(toy_world, tmp_path):
 def test_batches_split_into_the_one_process_batches(world):
     """The processes' shares, put together in rank order, are the 1-process batches (S trainer, segmenter)."""
     batch = 7
-    shares = [common.rank_share(batch, r, world) for r in range(world)]
+    shares = [runtime.rank_share(batch, r, world) for r in range(world)]
     assert shares[0][0] == 0 and shares[-1][1] == batch and all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
     assert max(b - a for a, b in shares) - min(b - a for a, b in shares) <= 1
-    for make in (lambda r, w: trainer.GlobalBatches(30, batch, r, w, seed=3),
+    for make in (lambda r, w: train_loop.GlobalBatches(30, batch, r, w, seed=3),
                  lambda r, w: train_seg.StepBatches(30, batch, 2, 9, 3, r, w)):
         single = list(make(0, 1))
         per_rank = [list(make(r, world)) for r in range(world)]
         assert all(len(b) == len(single) for b in per_rank)
         assert [sum((b[i] for b in per_rank), []) for i in range(len(single))] == single
     with pytest.raises(ValueError, match="--batch_size 2 is smaller than the 3 processes"):
-        common.rank_share(2, 0, 3)
+        runtime.rank_share(2, 0, 3)
 
 
 # ---------------- one step on 2 processes == one step on 1 ----------------
@@ -107,8 +106,8 @@ def seven(toy_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("seven")
     for name in ("JPEGImages", "SegmentationClass", "class_names.txt"):
         os.symlink(os.path.join(toy_world["root"], name), root / name)
-    ids = common.read_ids(toy_world["root"], "train")
-    classes = common.load_labels(toy_world["root"], ids, toy_world["num_classes"]).sum(1)
+    ids = datasets.read_ids(toy_world["root"], "train")
+    classes = datasets.load_labels(toy_world["root"], ids, toy_world["num_classes"]).sum(1)
     pick = [i for i, c in zip(ids, classes) if c == 1][:5] + [i for i, c in zip(ids, classes) if c == 2][:2]
     (root / "ImageSets" / "Segmentation").mkdir(parents=True)
     (root / "ImageSets" / "Segmentation" / "seven.txt").write_text("\n".join(pick) + "\n")
@@ -136,7 +135,7 @@ def assert_same_step(single, double, what):
 
 
 def test_one_step_stage_a(pipeline, seven, toy_world, tmp_path):
-    """Stage (a) through trainer.py: L_match (a mean over pairs), 7 images = one step."""
+    """Stage (a) through semples/train_loop.py: L_match (a mean over pairs), 7 images = one step."""
     flags = FAST + ["--data", seven, "--split", "seven", "--clip", toy_world["clip"], "--batch_size", 7,
                     "--epochs", 1, "--init", pipeline / "cam" / "checkpoint.pt"]
     assert_same_step(*one_step_both_ways("train_match.py", flags, tmp_path), "stage (a)")
@@ -155,7 +154,7 @@ def test_one_step_segmenter(seven, tmp_path):
     ImageNet weights (per-process batch statistics would differ from the global batch's on CPU)."""
     flags = FAST + ["--data", seven, "--split", "seven", "--masks", os.path.join(seven, "SegmentationClass"),
                     "--batch_size", 7, "--iters", 1, "--crop", 48, "--freeze_bn", "--eval_split", "seven",
-                    "--test_scales", "1.0", "--no-flip"]
+                    "--test_scales", "1.0"]
     assert_same_step(*one_step_both_ways("train_seg.py", flags, tmp_path), "segmenter")
 
 

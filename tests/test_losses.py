@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import clip
-import semples
-from semples import L_match, L_prompt, L_refine, masked_pairs
+from semples import method
+from semples.method import L_match, L_prompt, L_refine, masked_pairs
+
+pytestmark = pytest.mark.smoke  # all of it: hand-computed losses, well under a second
 
 
 def unit(*v):
@@ -98,7 +100,7 @@ def test_prompt_path_reproduces_text_encoder():
     """Prompts set to the token embeddings of real words give exactly encode_text of the sentence."""
     model = tiny_clip()
     words = clip.tokenize(["red car"], context_length=24)[0, 1:3]
-    prompts = semples.Prompts(model, num_classes=2, length=2)
+    prompts = method.Prompts(model, num_classes=2, length=2)
     with torch.no_grad():
         prompts.prompts.copy_(model.token_embedding(words).unsqueeze(0).expand(2, -1, -1))
         u_b = prompts(model)
@@ -108,4 +110,4 @@ def test_prompt_path_reproduces_text_encoder():
 
 def test_prompt_too_long_for_context():
     with pytest.raises(ValueError, match="prompt_length"):
-        semples.Prompts(tiny_clip(), num_classes=2, length=30)
+        method.Prompts(tiny_clip(), num_classes=2, length=30)

@@ -1,5 +1,5 @@
 """Tests of make_pseudo.py (CAMs -> threshold -> CRF -> palette PNGs) and eval_miou.py (mIoU, threshold
-sweep), and of their libraries cams.py and metrics.py. Oracles: torchmetrics' multiclass Jaccard index,
+sweep), and of their libraries semples/cams.py and semples/metrics.py. Oracles: torchmetrics' multiclass Jaccard index,
 brute-force per-threshold evaluation, planted answers, and ground truth that a CRF must get closer to."""
 import json
 import os
@@ -13,12 +13,10 @@ import torch
 from PIL import Image
 from torchmetrics.functional.classification import multiclass_jaccard_index
 
-import common
+from semples import datasets, metrics, network, runtime
+from semples.cams import crf_probs, dense_crf, load_cams, pseudo_mask, save_cams
 import eval_miou
 import make_pseudo
-import metrics
-import semples
-from cams import crf_probs, dense_crf, load_cams, pseudo_mask, save_cams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +29,7 @@ def run(script, *argv):
 def evaluate(capsys, *argv):
     """eval_miou.py in this process (a subprocess costs seconds of imports); returns its stdout."""
     capsys.readouterr()
-    eval_miou.main(common.parse_args(eval_miou.build_parser(), eval_miou.PRESETS, [str(a) for a in argv]))
+    eval_miou.main(runtime.parse_args(eval_miou.build_parser(), eval_miou.PRESETS, [str(a) for a in argv]))
     return capsys.readouterr().out
 
 
@@ -77,6 +75,7 @@ def tm_reference(pairs, C, average):
 # ----------------------------------------------------------------------------------------------
 # eval_miou: the metric
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.smoke
 @pytest.mark.parametrize("absent", [(), (3,)])
 def test_miou_equals_torchmetrics(tmp_path, capsys, absent):
     rng = np.random.default_rng(0)
@@ -85,7 +84,7 @@ def test_miou_equals_torchmetrics(tmp_path, capsys, absent):
     ids = [f"im{n}" for n in range(len(pairs))]
     root = make_root(tmp_path / "data", ids, C - 1)
     for i, (gt, pred) in zip(ids, pairs):
-        common.save_mask(os.path.join(root, "SegmentationClass", f"{i}.png"), gt)
+        datasets.save_mask(os.path.join(root, "SegmentationClass", f"{i}.png"), gt)
         Image.fromarray(pred).save(tmp_path / f"{i}.png")  # grey (L) predictions are accepted too
     ref_macro = 100 * float(tm_reference(pairs, C, "macro"))
     ref_per_class = tm_reference(pairs, C, "none")
@@ -131,6 +130,7 @@ def _planted_cams(rng, h, w, classes, t):
     return gt, cams
 
 
+@pytest.mark.smoke
 def test_sweep_finds_planted_threshold(tmp_path, capsys):
     rng = np.random.default_rng(1)
     C, t = 5, 0.45
@@ -140,7 +140,7 @@ def test_sweep_finds_planted_threshold(tmp_path, capsys):
     for n, i in enumerate(ids):
         classes = sorted(rng.choice(np.arange(1, C), size=1 + n % 3, replace=False).tolist())
         gt, cams = _planted_cams(rng, 30 + n, 40, classes, t)
-        common.save_mask(os.path.join(root, "SegmentationClass", f"{i}.png"), gt)
+        datasets.save_mask(os.path.join(root, "SegmentationClass", f"{i}.png"), gt)
         save_cams(str(cam_dir / f"{i}.npz"), cams, classes, gt.shape)
     stdout = evaluate(capsys, "--dataset", "toy", "--data", root, "--cams", cam_dir, "--workers", 0)
     assert stdout.splitlines()[-2] == "best threshold: 0.45"
@@ -151,12 +151,13 @@ def test_sweep_finds_planted_threshold(tmp_path, capsys):
     narrow = evaluate(capsys, "--dataset", "toy", "--data", root, "--cams", cam_dir, "--workers", 0,
                       "--t_start", 0.30, "--t_end", 0.40)
     assert narrow.splitlines()[-2] == "best threshold: 0.40"
-    eval_miou.main(common.parse_args(eval_miou.build_parser(), eval_miou.PRESETS, [
+    eval_miou.main(runtime.parse_args(eval_miou.build_parser(), eval_miou.PRESETS, [
         "--dataset", "toy", "--data", str(root), "--cams", str(cam_dir), "--workers", "0", "--t_start", "0.30",
         "--t_end", "0.40"]))
     assert "edge of the sweep" in capsys.readouterr().err  # the optimum may lie outside: say so
 
 
+@pytest.mark.smoke
 def test_sweep_equals_thresholded_pseudo_masks():
     """The one-pass sweep gives, for every threshold, the confusion of make_pseudo's argmax masks."""
     rng = np.random.default_rng(2)
@@ -177,22 +178,22 @@ def test_bad_input_names_the_file(tmp_path, capsys):
     root = make_root(tmp_path / "data", ids, C - 1)
     pred = tmp_path / "pred"
     for i in ids:
-        common.save_mask(os.path.join(root, "SegmentationClass", f"{i}.png"), np.ones((8, 10), np.uint8))
-        common.save_mask(str(pred / f"{i}.png"), np.ones((8, 10), np.uint8))
+        datasets.save_mask(os.path.join(root, "SegmentationClass", f"{i}.png"), np.ones((8, 10), np.uint8))
+        datasets.save_mask(str(pred / f"{i}.png"), np.ones((8, 10), np.uint8))
     argv = ["--dataset", "toy", "--data", root, "--pred", pred, "--workers", 0]
     assert last_miou(evaluate(capsys, *argv)) == 100.0
 
     def fails(name, array, match):
-        common.save_mask(str(pred / name), array)
+        datasets.save_mask(str(pred / name), array)
         with pytest.raises(ValueError, match=match) as e:
             evaluate(capsys, *argv)
         assert str(pred / name) in str(e.value)
-        common.save_mask(str(pred / name), np.ones((8, 10), np.uint8))
+        datasets.save_mask(str(pred / name), np.ones((8, 10), np.uint8))
 
     fails("b.png", np.ones((8, 11), np.uint8), "size")
     fails("a.png", np.full((8, 10), 4, np.uint8), "outside 0..3")
     fails("a.png", np.full((8, 10), 255, np.uint8), "outside 0..3")  # 255 is only an ignore value in the gt
-    common.save_mask(os.path.join(root, "SegmentationClass", "a.png"), np.full((8, 10), 9, np.uint8))
+    datasets.save_mask(os.path.join(root, "SegmentationClass", "a.png"), np.full((8, 10), 9, np.uint8))
     with pytest.raises(ValueError, match="ground truth holds value 9"):
         evaluate(capsys, *argv)
     os.remove(pred / "b.png")
@@ -245,8 +246,8 @@ def test_crf_improves_a_noisy_mask():
 def fake_checkpoint(path, class_names, size=64, seed=0):
     """An S checkpoint exactly as the stage scripts write one, with random weights."""
     torch.manual_seed(seed)
-    S = semples.MaskGenerator("tiny", len(class_names), 8)
-    common.save_checkpoint({"kind": "mask_generator", "model": S.state_dict(), "num_classes": len(class_names),
+    S = network.MaskGenerator("tiny", len(class_names), 8)
+    runtime.save_checkpoint({"kind": "mask_generator", "model": S.state_dict(), "num_classes": len(class_names),
                             "class_names": class_names, "args": {"backbone": "tiny", "output_stride": 8,
                                                                  "size": size}, "epoch": 1, "epochs": 1,
                             "done": True}, str(path))
@@ -270,8 +271,8 @@ def mini_world(path, n=10, num_fg=3, seed=0):
             mask[y:y + h // 3, x:x + w // 3] = c
             image[y:y + h // 3, x:x + w // 3] = rng.integers(0, 255, 3)
         Image.fromarray(image).save(os.path.join(root, "JPEGImages", f"{i}.jpg"), quality=95)
-        common.save_mask(os.path.join(root, "SegmentationClass", f"{i}.png"), mask)
-    return {"root": root, "num_classes": num_fg, "class_names": common.read_class_names(root)}
+        datasets.save_mask(os.path.join(root, "SegmentationClass", f"{i}.png"), mask)
+    return {"root": root, "num_classes": num_fg, "class_names": datasets.read_class_names(root)}
 
 
 @pytest.fixture(scope="module")
@@ -287,19 +288,19 @@ def test_make_pseudo_end_to_end(world, tmp_path, capsys):
     root = world["root"]
     ckpt = fake_checkpoint(tmp_path / "S.pt", world["class_names"])
     split = "train" if os.path.exists(os.path.join(root, "ImageSets", "Segmentation", "train.txt")) else "train_aug"
-    ids = common.read_ids(root, split)
+    ids = datasets.read_ids(root, split)
     out = tmp_path / "pseudo"
     p = run("make_pseudo.py", "--dataset", "toy", "--data", root, "--checkpoint", ckpt, "--split", split,
             "--out", out, "--device", "cpu", "--workers", 2, "--vis", 2)
     assert p.returncode == 0, p.stderr[-2000:]
     log = open(out / "log.txt").read()
     assert "cams:" in log and "masks:" in log
-    labels = common.load_labels(root, ids, world["num_classes"], require_nonempty=False)
+    labels = datasets.load_labels(root, ids, world["num_classes"], require_nonempty=False)
     for n, i in enumerate(ids):
         with Image.open(out / "masks" / f"{i}.png") as im:
             assert im.mode == "P" and im.getpalette()[3:6] == [128, 0, 0]
             mask = np.asarray(im)
-        image = common.read_image(common.image_path(root, i))
+        image = datasets.read_image(datasets.image_path(root, i))
         assert mask.shape == image.shape[:2]
         present = (np.flatnonzero(labels[n]) + 1).tolist()
         assert set(np.unique(mask).tolist()) <= {0, *present}
@@ -317,7 +318,7 @@ def test_make_pseudo_end_to_end(world, tmp_path, capsys):
 def args_for(root, ckpt, out, *extra):
     argv = ["--dataset", "toy", "--data", root, "--checkpoint", ckpt, "--out", str(out), "--device", "cpu",
             "--workers", "0", "--split", "train_aug", *map(str, extra)]
-    return common.parse_args(make_pseudo.build_parser(), make_pseudo.PRESETS, argv)
+    return runtime.parse_args(make_pseudo.build_parser(), make_pseudo.PRESETS, argv)
 
 
 def test_batching_storage_and_resume(tmp_path):
@@ -328,7 +329,7 @@ def test_batching_storage_and_resume(tmp_path):
     make_pseudo.main(args_for(w["root"], ckpt, tmp_path / "b4", "--batch_size", 4, "--cams_only"))
     make_pseudo.main(args_for(w["root"], ckpt, tmp_path / "b1", "--batch_size", 1, "--no-crf"))
     make_pseudo.main(args_for(w["root"], ckpt, tmp_path / "half", "--store_scale", 0.5, "--cams_only"))
-    ids = common.read_ids(w["root"], "train_aug")
+    ids = datasets.read_ids(w["root"], "train_aug")
     assert not os.path.exists(tmp_path / "b4" / "masks")
     for i in ids:
         a, ca = load_cams(str(tmp_path / "b4" / "cams" / f"{i}.npz"))
@@ -337,14 +338,14 @@ def test_batching_storage_and_resume(tmp_path):
         assert ca.tolist() == cb.tolist() == cc.tolist() and a.shape == b.shape == c.shape
         assert np.abs(a - b).max() < 2e-3
         assert np.abs(a - c).mean() < 0.05
-    mask = {i: common.read_mask(str(tmp_path / "b1" / "masks" / f"{i}.png")) for i in ids}
+    mask = {i: datasets.read_mask(str(tmp_path / "b1" / "masks" / f"{i}.png")) for i in ids}
     before = os.path.getmtime(tmp_path / "b1" / "masks" / f"{ids[0]}.png")
     make_pseudo.main(args_for(w["root"], "missing.pt", tmp_path / "b1", "--masks_only", "--no-crf"))
     assert os.path.getmtime(tmp_path / "b1" / "masks" / f"{ids[0]}.png") == before  # same parameters: kept
     make_pseudo.main(args_for(w["root"], "missing.pt", tmp_path / "b1", "--masks_only", "--no-crf",
                               "--bg_threshold", 0.999))
     for i in ids:
-        new = common.read_mask(str(tmp_path / "b1" / "masks" / f"{i}.png"))
+        new = datasets.read_mask(str(tmp_path / "b1" / "masks" / f"{i}.png"))
         assert (new > 0).sum() <= (mask[i] > 0).sum() and (new > 0).mean() < 0.05
     assert json.load(open(tmp_path / "b1" / "masks" / "params.json"))["bg_threshold"] == 0.999
     os.remove(tmp_path / "b1" / "cams" / f"{ids[0]}.npz")

@@ -10,21 +10,22 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+from semples import datasets, runtime
+from semples.cams import load_cams
 import eval_miou
 import make_pseudo
-import report
+from tools import report
 import train_cam
 import train_match
 import train_prompt
 import train_refine
-from cams import load_cams
 
 
 def run(module, argv):
-    return module.main(common.parse_args(module.build_parser(), module.PRESETS, [str(a) for a in argv]))
+    return module.main(runtime.parse_args(module.build_parser(), module.PRESETS, [str(a) for a in argv]))
 
 
+# The smoke tier (pytest -m smoke) runs every stage but train_seg through this fixture: keep it small.
 @pytest.fixture(scope="module")
 def small_run(toy_world, tmp_path_factory):
     """The run folder run.sh --no-seg leaves, made in this process (subprocesses cost seconds of imports)."""
@@ -40,7 +41,7 @@ def small_run(toy_world, tmp_path_factory):
     run(train_refine, cpu + ["--clip", clip, "--init", ckpt["cam"], "--prompts", out / "prompt" / "prompts.pt",
                              "--out", out / "refine", "--epochs", 1, "--batch_size", 16])
     results = {"dataset": "toy", "seed": 504, "clusters": None, "segmenter_val_miou": None}
-    for key, folder in (("cam", "seeds_cam"), ("a", "seeds_a"), ("c", "seeds_c")):  # as run.sh's seeds()
+    for key, folder in (("cam", "eval_cam"), ("a", "eval_match"), ("c", "eval_refine")):  # as run.sh's seeds()
         d = out / folder
         run(make_pseudo, cpu + ["--checkpoint", ckpt[key], "--split", "train", "--out", d])
         evaluate = ["--dataset", "toy", "--data", data, "--split", "train", "--workers", 0]
@@ -52,7 +53,7 @@ def small_run(toy_world, tmp_path_factory):
     rep = run(report, ["--dataset", "toy", "--data", data, "--clip", clip, "--out", out, "--device", "cpu",
                        "--n", 3, "--per_class", 1, "--tile", 64])
     return {"out": out, "rep": rep, "results": results, "html": (out / "report.html").read_text(),
-            "ids": common.read_ids(data, "train"), "root": data}
+            "ids": datasets.read_ids(data, "train"), "root": data}
 
 
 def png(path):
@@ -64,15 +65,16 @@ def png(path):
 
 
 def gt_of(root, image_id):
-    return common.read_mask(os.path.join(root, "SegmentationClass", f"{image_id}.png"))
+    return datasets.read_mask(os.path.join(root, "SegmentationClass", f"{image_id}.png"))
 
 
+@pytest.mark.smoke
 def test_files_are_written_as_valid_pngs_of_their_layout(small_run, toy_world):
     out, rep, tile, step = small_run["out"], small_run["rep"], 64, 64 + report.GAP
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(rep))
     # grid: one row per (image, class) of the first 3 train images, six columns
     want = [(i, toy_world["class_names"][v - 1]) for i in small_run["ids"][:3]
-            for v in common.labels_of_mask(gt_of(small_run["root"], i))]
+            for v in datasets.labels_of_mask(gt_of(small_run["root"], i))]
     assert [(r["id"], r["class"]) for r in rep["grid"]["rows"]] == want
     size = (report.LABELS + 6 * step + report.GAP, report.HEADER + len(want) * step + report.GAP)
     assert png(out / "report" / "grid.png") == size
@@ -92,6 +94,7 @@ def test_files_are_written_as_valid_pngs_of_their_layout(small_run, toy_world):
         assert f'src="{rel}"' in small_run["html"]
 
 
+@pytest.mark.smoke
 def test_numbers_on_the_page_come_from_the_run(small_run, toy_world):
     out, rep, page, results = small_run["out"], small_run["rep"], small_run["html"], small_run["results"]
     for key in ("cam", "a", "c"):
@@ -116,7 +119,7 @@ def test_numbers_on_the_page_come_from_the_run(small_run, toy_world):
     # the prompt-map shares: one (image, class) pair each, fractions of one map, printed as computed
     pairs = {n: 0 for n in toy_world["class_names"]}
     for i in small_run["ids"]:
-        for v in common.labels_of_mask(gt_of(small_run["root"], i)):
+        for v in datasets.labels_of_mask(gt_of(small_run["root"], i)):
             pairs[toy_world["class_names"][v - 1]] += 1
     for name, s in rep["prompt_maps"]["classes"].items():
         assert s["pairs"] == pairs[name] and s["home"] == toy_world["meta"]["home"][name]
@@ -125,6 +128,7 @@ def test_numbers_on_the_page_come_from_the_run(small_run, toy_world):
             assert f"<td>{s['ub_bg']:.3f}</td>" in page and f"<td>{s['uf_obj']:.3f}</td>" in page
 
 
+@pytest.mark.smoke
 def test_pseudo_mask_losses_come_from_the_masks(small_run, toy_world):
     """The listed (image, class) pairs are the ones whose wrong pixels grow most from stage (a)'s pseudo masks
     to SemPLeS's, recomputed here pixel by pixel; their IoUs are eval_miou's (mask.json); the picture has a
@@ -135,7 +139,7 @@ def test_pseudo_mask_losses_come_from_the_masks(small_run, toy_world):
         gt = gt_of(small_run["root"], i)
         valid = gt != 255
         for st in ("a", "c"):
-            pm = common.read_mask(str(out / f"seeds_{st}" / "masks" / f"{i}.png"))
+            pm = datasets.read_mask(str(out / report.STAGES[st][0] / "masks" / f"{i}.png"))
             for v in range(1, len(names) + 1):
                 p, t = (pm == v) & valid, (gt == v) & valid
                 wrong[st, i, v] = int((p ^ t).sum())
@@ -144,7 +148,7 @@ def test_pseudo_mask_losses_come_from_the_masks(small_run, toy_world):
     want = sorted((e for e in extra.values() if e > 0), reverse=True)[:5]
     rows = rep["losses"]["rows"]
     assert [r["extra_errors"] for r in rows] == want
-    masks = {st: json.loads((out / f"seeds_{st}" / "mask.json").read_text())["iou"] for st in ("a", "c")}
+    masks = {st: json.loads((out / report.STAGES[st][0] / "mask.json").read_text())["iou"] for st in ("a", "c")}
     for r in rows:
         v = names.index(r["class"]) + 1
         assert extra[r["id"], v] == r["extra_errors"]
@@ -156,12 +160,13 @@ def test_pseudo_mask_losses_come_from_the_masks(small_run, toy_world):
         assert f"<td>{r['id']}</td><td>{r['class']}</td><td>{r['extra_errors']}</td>" in small_run["html"]
     if rows:
         shown = list(dict.fromkeys(r["id"] for r in rows))
-        n_rows = sum(len(common.labels_of_mask(gt_of(small_run["root"], i))) for i in shown)
+        n_rows = sum(len(datasets.labels_of_mask(gt_of(small_run["root"], i))) for i in shown)
         step = 64 + report.GAP
         assert png(out / "report" / "losses.png") == (report.LABELS + 6 * step + report.GAP,
                                                       report.HEADER + n_rows * step + report.GAP)
 
 
+@pytest.mark.smoke
 def test_error_breakdown_counts_the_pseudo_mask_pixels(small_run, toy_world):
     """Spill, other and missed per class and stage are the pixel counts of the pseudo masks against the ground
     truth (recounted here image by image, 255 ignored), over the class's ground-truth area; the page shows them."""
@@ -170,7 +175,7 @@ def test_error_breakdown_counts_the_pseudo_mask_pixels(small_run, toy_world):
         count = np.zeros((len(names) + 1, 4), np.int64)  # class: area, spill, other, missed
         for i in small_run["ids"]:
             gt = gt_of(small_run["root"], i)
-            pm = common.read_mask(str(out / f"seeds_{st}" / "masks" / f"{i}.png"))
+            pm = datasets.read_mask(str(out / report.STAGES[st][0] / "masks" / f"{i}.png"))
             for v in range(1, len(names) + 1):
                 t, p = gt == v, (pm == v) & (gt != 255)
                 count[v] += [t.sum(), (p & (gt == 0)).sum(), (p & (gt > 0) & ~t).sum(), (t & (pm != v)).sum()]
@@ -199,11 +204,11 @@ def test_spill_splits_at_one_cell_of_the_map(tmp_path):
     pm[5:7, 9:11] = 1  # columns 9 and 10: 2 and 3 px right of the object's last column (7)
     pm[13:15, 13:15] = 1  # far
     pm[0, 0:3] = 2
-    for folder in ("SegmentationClass", "out/cam", "out/seeds_cam/masks", "out/seeds_a/masks", "out/seeds_c/masks"):
+    for folder in ("SegmentationClass", "out/cam", "out/eval_cam/masks", "out/eval_match/masks", "out/eval_refine/masks"):
         (tmp_path / folder).mkdir(parents=True)
     Image.fromarray(gt, "L").save(tmp_path / "SegmentationClass" / "a.png")
     for st, m in (("cam", np.where(gt == 255, 0, gt).astype(np.uint8)), ("a", pm), ("c", pm)):
-        Image.fromarray(m, "L").save(tmp_path / "out" / f"seeds_{st}" / "masks" / "a.png")
+        Image.fromarray(m, "L").save(tmp_path / "out" / report.STAGES[st][0] / "masks" / "a.png")
     (tmp_path / "out" / "cam" / "args.json").write_text(json.dumps({"size": 16, "output_stride": 2}))
     assert report.map_cell(str(tmp_path / "out")) == 1 / 8
     args = report.build_parser().parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "out")])
@@ -221,12 +226,12 @@ def test_pseudo_mask_losses_on_known_masks(tmp_path):
     gts = {"a": square, "b": square * 2, "c": square}
     preds = {"a": (square, np.ones((8, 8), np.uint8)), "b": (np.roll(square * 2, 1, 0), square * 2),
              "c": (square, square)}
-    for folder in ("SegmentationClass", "out/seeds_a/masks", "out/seeds_c/masks"):
+    for folder in ("SegmentationClass", "out/eval_match/masks", "out/eval_refine/masks"):
         (tmp_path / folder).mkdir(parents=True)
     for i in gts:
         Image.fromarray(gts[i], "L").save(tmp_path / "SegmentationClass" / f"{i}.png")
         for st, m in zip(("a", "c"), preds[i]):
-            Image.fromarray(m, "L").save(tmp_path / "out" / f"seeds_{st}" / "masks" / f"{i}.png")
+            Image.fromarray(m, "L").save(tmp_path / "out" / report.STAGES[st][0] / "masks" / f"{i}.png")
     args = report.build_parser().parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "out")])
     rows = report.pseudo_losses(args, ["a", "b", "c"], ["x", "y"], 5)
     assert [(r["id"], r["class"], r["extra_errors"]) for r in rows] == [("a", "x", 48)]
@@ -235,6 +240,7 @@ def test_pseudo_mask_losses_on_known_masks(tmp_path):
     assert r["iou_c"] == pytest.approx(100 * 32 / 80) and r["iou_c_without"] == pytest.approx(100.0)
 
 
+@pytest.mark.smoke
 def test_stage_b_keeps_the_nearest_words(small_run, toy_world):
     out, words = small_run["out"], report.read_words(report.WORDS)
     ckpt = torch.load(out / "prompt" / "prompts.pt", weights_only=True)
@@ -250,6 +256,7 @@ def test_stage_b_keeps_the_nearest_words(small_run, toy_world):
         assert f"<td>{pairs[0][0]} {pairs[0][1]:.3f}</td>" in small_run["html"]
 
 
+@pytest.mark.smoke
 def test_stage_b_keeps_each_prompts_fit_to_its_backgrounds(small_run, toy_world):
     """prompts.pt's `fit`, recomputed from stage (b)'s own cache of background and foreground features: the
     mean cosine of u^b_k and of the class text with the v^b of class k's pairs, and L_refine's reach (the mean

@@ -115,8 +115,8 @@ def test_run_sh_on_a_foreign_world(toy_world, tmp_path):
     import numpy as np
     from PIL import Image
 
-    import common
     from clip.model import CLIP
+    from semples import datasets
 
     world = tmp_path / "world"
     for name in ("JPEGImages", "SegmentationClass", "ImageSets"):
@@ -124,15 +124,15 @@ def test_run_sh_on_a_foreign_world(toy_world, tmp_path):
     (world / "ImageSets" / "Segmentation" / "train_aug.txt").unlink()
     things = [f"thing{k}" for k in range(toy_world["num_classes"])]
     (world / "class_names.txt").write_text("".join(f"{n}\n" for n in ["_background_"] + things))  # labelme's way
-    train = common.read_ids(str(world), "train")
+    train = datasets.read_ids(str(world), "train")
     for i in train[:2]:
-        h, w, _ = common.read_image(common.image_path(str(world), i)).shape
-        common.save_mask(str(world / "SegmentationClass" / f"{i}.png"), np.zeros((h, w), np.uint8))
+        h, w, _ = datasets.read_image(datasets.image_path(str(world), i)).shape
+        datasets.save_mask(str(world / "SegmentationClass" / f"{i}.png"), np.zeros((h, w), np.uint8))
     for i in train[2:5]:  # some images as PNG files, as a generator may write them
         jpg = world / "JPEGImages" / f"{i}.jpg"
         Image.open(jpg).save(jpg.with_suffix(".png"))
         jpg.unlink()
-    val = common.read_ids(str(world), "val")
+    val = datasets.read_ids(str(world), "val")
     def odd_size(n):
         return (50 + 13 * n, 90 - 7 * n) if n % 2 else (96 - 9 * n, 44 + 11 * n)
     for n, i in enumerate(train[5:9] + val[:2]):  # and of other sizes, not square, as photos are
@@ -157,11 +157,11 @@ def test_run_sh_on_a_foreign_world(toy_world, tmp_path):
         assert "--split train " in (tmp_path / "out" / ".done" / step).read_text(), step
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert all(0 <= results[key]["seed_miou"] <= 100 for key in ("cam", "a", "c"))
-    scored = json.loads((tmp_path / "out" / "seeds_c" / "seed.json").read_text())["class_names"]
+    scored = json.loads((tmp_path / "out" / "eval_refine" / "seed.json").read_text())["class_names"]
     assert scored == ["background"] + things  # the list's own background line is not a class
     assert sorted(str(p.relative_to(world)) for p in world.rglob("*")) == before
     for n, i in enumerate(train[5:9]):  # pseudo masks come at each image's own size
-        assert Image.open(tmp_path / "out" / "seeds_c" / "masks" / f"{i}.png").size == odd_size(n)
+        assert Image.open(tmp_path / "out" / "eval_refine" / "masks" / f"{i}.png").size == odd_size(n)
 
 
 def test_run_sh_refuses_unknown_flags_and_missing_data(tmp_path):
@@ -174,7 +174,7 @@ def test_run_sh_refuses_unknown_flags_and_missing_data(tmp_path):
 
 def test_ablate_prints_the_three_tables_and_reuses_finished_runs(toy_world, tmp_path):
     out = tmp_path / "ablate"
-    cmd = [sys.executable, os.path.join(REPO, "ablate.py"), "--dataset", "toy", "--data", toy_world["root"],
+    cmd = [sys.executable, os.path.join(REPO, "tools", "ablate.py"), "--dataset", "toy", "--data", toy_world["root"],
            "--clip", toy_world["clip"], "--seeds", "0", "--out", str(out),
            "--cam_args", "--epochs 1 --batch_size 16 --size 64 --workers 0",
            "--match_args", "--epochs 1 --batch_size 16 --workers 0",
@@ -188,9 +188,9 @@ def test_ablate_prints_the_three_tables_and_reuses_finished_runs(toy_world, tmp_
     assert [r for r in tables["Table 5: lambda"]] == ["stage (a) (start of c)", "lambda 0 (L_match only)",
                                                      "lambda 0.16", "lambda 0.32", "lambda 0.8", "lambda 1.6"]
     # every stage (c) run refines stage (a)'s S, as the pipeline does; the joint run has no stage (a)
-    import common
+    from semples import runtime
     seed0 = out / "seed0"
-    init = {run: common.load_checkpoint(str(seed0 / run / "checkpoint.pt"), "mask_generator")["args"]["init"]
+    init = {run: runtime.load_checkpoint(str(seed0 / run / "checkpoint.pt"), "mask_generator")["args"]["init"]
             for run in ("c_all", "c_lambda0", "c_unlearned", "joint")}
     assert init == {**{run: str(seed0 / "a" / "checkpoint.pt") for run in ("c_all", "c_lambda0", "c_unlearned")},
                     "joint": str(seed0 / "cam" / "checkpoint.pt")}, init
@@ -227,13 +227,13 @@ def test_run_sh_with_three_processes(tmp_path):
 
 def test_compare_clusters_arms_make_the_table_from_each_run(tmp_path, monkeypatch, capsys):
     """--arms without: one column pair, the cells are the mean and std of each run's results.json numbers."""
-    import compare_clusters
-    import common
+    from semples import runtime
+    from tools import compare_clusters
     fake = {s: {row: {"seed_miou": 50.0 + s + i, "pseudo_miou": 60.0 + 2 * s + i}
                 for i, row in enumerate(("cam", "a", "c"))} for s in (0, 1)}
     calls = []
     monkeypatch.setattr(compare_clusters, "pipeline", lambda args, arm, seed, log: calls.append(arm) or fake[seed])
-    args = common.parse_args(compare_clusters.build_parser(), compare_clusters.PRESETS,
+    args = runtime.parse_args(compare_clusters.build_parser(), compare_clusters.PRESETS,
                              ["--dataset", "toy", "--seeds", "0", "1", "--arms", "without", "--out", str(tmp_path)])
     compare_clusters.main(args)
     out = capsys.readouterr().out

@@ -1,7 +1,7 @@
 """train_seg.py (DeepLab-v2 on pseudo or ground-truth masks) on the small toy world: the architecture is
 DeepLab-v2's, it runs as a script and writes what eval_miou.py scores, it learns (far above trivial
 predictors), it resumes exactly, and it refuses bad input clearly.
-Oracles: eval_miou.py's CLI and metrics.py, torchvision's ResNet, trivial constant predictors."""
+Oracles: eval_miou.py's CLI and semples/metrics.py, torchvision's ResNet, trivial constant predictors."""
 import os
 import re
 import shutil
@@ -14,9 +14,8 @@ import torch
 import torchvision
 from PIL import Image
 
-import common
+from semples import datasets, metrics, runtime
 import eval_miou
-import metrics
 import train_seg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +27,7 @@ LEARN_ITERS = 150
 def args_for(toy_world, out, *extra, masks=None):
     argv = FAST + ["--data", toy_world["root"], "--out", str(out),
                    "--masks", masks or os.path.join(toy_world["root"], "SegmentationClass"), *map(str, extra)]
-    return common.parse_args(train_seg.build_parser(), train_seg.PRESETS, argv)
+    return runtime.parse_args(train_seg.build_parser(), train_seg.PRESETS, argv)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +35,7 @@ def trained(toy_world, tmp_path_factory):
     """One run as a user would: a subprocess trained on the ground-truth masks, predicting val."""
     out = tmp_path_factory.mktemp("seg")
     argv = FAST + ["--data", toy_world["root"], "--out", str(out), "--iters", str(LEARN_ITERS),
-                   "--masks", os.path.join(toy_world["root"], "SegmentationClass"), "--log_every", "50"]
+                   "--masks", os.path.join(toy_world["root"], "SegmentationClass")]
     proc = subprocess.run([sys.executable, os.path.join(REPO, "train_seg.py"), *argv], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"train_seg.py failed:\n{proc.stdout}\n{proc.stderr}"
@@ -88,7 +87,7 @@ def test_augmentation_deterministic_and_padded(toy_world):
 
 def test_end_to_end_writes_palette_predictions(trained, toy_world):
     out, stdout = trained["out"], trained["stdout"]
-    ids = common.read_ids(toy_world["root"], "val")
+    ids = datasets.read_ids(toy_world["root"], "val")
     for i in ids:
         with Image.open(out / "pred" / f"{i}.png") as im:
             assert im.mode == "P" and im.size == (64, 64)
@@ -96,10 +95,10 @@ def test_end_to_end_writes_palette_predictions(trained, toy_world):
     assert re.search(r"^mIoU: \d+\.\d\d$", stdout, re.M), stdout
     log = (out / "log.txt").read_text()
     assert "mIoU:" in log and len(re.findall(r"iter \d+/\d+ loss", log)) == LEARN_ITERS // 50
-    ckpt = common.load_checkpoint(str(out / "checkpoint.pt"), "segmenter")
+    ckpt = runtime.load_checkpoint(str(out / "checkpoint.pt"), "segmenter")
     assert ckpt["done"] and ckpt["iter"] == LEARN_ITERS and ckpt["num_classes"] == toy_world["num_classes"]
     # eval_miou.py's CLI scores the written PNGs to the figure train_seg printed
-    res = eval_miou.main(common.parse_args(eval_miou.build_parser(), eval_miou.PRESETS, [
+    res = eval_miou.main(runtime.parse_args(eval_miou.build_parser(), eval_miou.PRESETS, [
         "--dataset", "toy", "--data", toy_world["root"], "--split", "val", "--pred", str(out / "pred"),
         "--workers", "0"]))
     assert f"mIoU: {res['miou']:.2f}" in stdout
@@ -108,25 +107,26 @@ def test_end_to_end_writes_palette_predictions(trained, toy_world):
 def test_learns_far_above_trivial(trained, toy_world):
     """On ground-truth masks the segmenter must beat the best constant predictor by a wide margin."""
     root, K1 = toy_world["root"], toy_world["num_classes"] + 1
-    gts = [common.read_mask(os.path.join(root, "SegmentationClass", f"{i}.png"))
-           for i in common.read_ids(root, "val")]
+    gts = [datasets.read_mask(os.path.join(root, "SegmentationClass", f"{i}.png"))
+           for i in datasets.read_ids(root, "val")]
     trivial = max(100 * metrics.miou_from_confusion(
         sum(metrics.confusion_matrix(g, np.full_like(g, c), K1) for g in gts))[0] for c in range(K1))
     miou = float(re.search(r"^mIoU: ([\d.]+)$", trained["stdout"], re.M).group(1))
     assert miou >= 2 * trivial and miou >= trivial + 15, f"mIoU {miou:.2f} vs trivial {trivial:.2f}"
 
 
+@pytest.mark.smoke
 def test_resume_is_exact(toy_world, tmp_path):
     """Stopped at iteration 3 of 6 and continued == one run of 6 iterations (weights and momentum)."""
-    common_flags = ["--iters", 6, "--crop", 32, "--batch_size", 4, "--save_every", 100, "--eval_split", "train"]
+    common_flags = ["--iters", 6, "--crop", 32, "--batch_size", 4, "--eval_split", "train"]
     train_seg.main(args_for(toy_world, tmp_path / "a", *common_flags, "--stop_after", 3))
-    half = common.load_checkpoint(str(tmp_path / "a" / "checkpoint.pt"), "segmenter")
+    half = runtime.load_checkpoint(str(tmp_path / "a" / "checkpoint.pt"), "segmenter")
     assert half["iter"] == 3 and not half["done"]
     assert not (tmp_path / "a" / "pred").exists()
     train_seg.main(args_for(toy_world, tmp_path / "a", *common_flags))
     train_seg.main(args_for(toy_world, tmp_path / "b", *common_flags))
-    a = common.load_checkpoint(str(tmp_path / "a" / "checkpoint.pt"), "segmenter")
-    b = common.load_checkpoint(str(tmp_path / "b" / "checkpoint.pt"), "segmenter")
+    a = runtime.load_checkpoint(str(tmp_path / "a" / "checkpoint.pt"), "segmenter")
+    b = runtime.load_checkpoint(str(tmp_path / "b" / "checkpoint.pt"), "segmenter")
     assert a["done"] and b["done"] and a["iter"] == b["iter"] == 6
     for k in b["model"]:
         assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
@@ -135,17 +135,17 @@ def test_resume_is_exact(toy_world, tmp_path):
         assert torch.allclose(sa["momentum_buffer"], sb["momentum_buffer"], atol=1e-6)
     assert "resumed from" in (tmp_path / "a" / "log.txt").read_text()
 
-    # --eval_only predicts with the finished checkpoint; a checkpoint for another class count is refused
-    train_seg.main(args_for(toy_world, tmp_path / "b", "--eval_only", "--eval_split", "val", "--crf",
-                            "--workers", 0))
-    assert all((tmp_path / "b" / "pred" / f"{i}.png").exists() for i in common.read_ids(toy_world["root"], "val"))
+    # --checkpoint alone predicts with a finished segmenter; a checkpoint for another class count is refused
+    train_seg.main(args_for(toy_world, tmp_path / "b", "--checkpoint", tmp_path / "b" / "checkpoint.pt",
+                            "--eval_split", "val", "--crf", "--workers", 0))
+    assert all((tmp_path / "b" / "pred" / f"{i}.png").exists() for i in datasets.read_ids(toy_world["root"], "val"))
     wrong = dict(b, num_classes=b["num_classes"] + 2, class_names=b["class_names"] + ["x", "y"])
     torch.save(wrong, tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match=r"trained for \d+ foreground classes"):
-        train_seg.main(args_for(toy_world, tmp_path / "c", "--eval_only", "--checkpoint", tmp_path / "wrong.pt"))
+        train_seg.main(args_for(toy_world, tmp_path / "c", "--checkpoint", tmp_path / "wrong.pt"))
     torch.save(dict(b, kind="mask_generator"), tmp_path / "kind.pt")
     with pytest.raises(ValueError, match="expected a 'segmenter' checkpoint"):
-        train_seg.main(args_for(toy_world, tmp_path / "c", "--eval_only", "--checkpoint", tmp_path / "kind.pt"))
+        train_seg.main(args_for(toy_world, tmp_path / "c", "--checkpoint", tmp_path / "kind.pt"))
 
 
 def test_bad_masks_are_refused(toy_world, tmp_path):
@@ -154,13 +154,13 @@ def test_bad_masks_are_refused(toy_world, tmp_path):
         train_seg.main(args_for(toy_world, tmp_path / "o1", masks=str(tmp_path / "nowhere")))
     masks = tmp_path / "masks"
     shutil.copytree(os.path.join(root, "SegmentationClass"), masks)
-    ids = common.read_ids(root, "train_aug")
+    ids = datasets.read_ids(root, "train_aug")
     os.remove(masks / f"{ids[5]}.png")
     with pytest.raises(FileNotFoundError, match=re.escape(str(masks / f"{ids[5]}.png"))):
         train_seg.main(args_for(toy_world, tmp_path / "o2", masks=str(masks)))
-    bad = common.read_mask(os.path.join(root, "SegmentationClass", f"{ids[5]}.png")).copy()
+    bad = datasets.read_mask(os.path.join(root, "SegmentationClass", f"{ids[5]}.png")).copy()
     bad[0, 0] = toy_world["num_classes"] + 1
-    common.save_mask(str(masks / f"{ids[5]}.png"), bad)
+    datasets.save_mask(str(masks / f"{ids[5]}.png"), bad)
     data = train_seg.SegDataset(root, "train_aug", str(masks), toy_world["num_classes"] + 1, 32, (1, 1), 0)
     with pytest.raises(ValueError, match=re.escape(f"{ids[5]}.png holds class {toy_world['num_classes'] + 1}")):
         data[(5, 0)]

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import common
-import semples
+from semples import datasets, method, network, runtime
 import train_cam
 import train_match
 import train_prompt
@@ -53,10 +52,10 @@ def stages(toy_world, tmp_path_factory):
 
 def test_stages_write_what_the_next_reads(stages, toy_world):
     out = stages["out"]
-    S, ckpt = semples.load_mask_generator(str(out / "refine" / "checkpoint.pt"), "cpu")
+    S, ckpt = network.load_mask_generator(str(out / "refine" / "checkpoint.pt"), "cpu")
     assert ckpt["done"] and ckpt["stage"] == "refine" and ckpt["num_classes"] == toy_world["num_classes"]
     assert ckpt["args"]["size"] == 64 and ckpt["args"]["backbone"] == "tiny"  # the CAM network's, carried on
-    prompts = common.load_checkpoint(str(out / "prompt" / "prompts.pt"), "prompts")
+    prompts = runtime.load_checkpoint(str(out / "prompt" / "prompts.pt"), "prompts")
     assert prompts["prompts"].shape == (toy_world["num_classes"], 8, prompts["prompts"].shape[2])
     assert prompts["class_names"] == toy_world["class_names"]
     for stage in ("cam", "match", "prompt", "refine"):
@@ -81,7 +80,7 @@ def small_args(module, toy_world, out, **over):
     argv = FAST + ["--data", toy_world["root"], "--clip", toy_world["clip"], "--out", str(out), "--batch_size", "16"]
     for k, v in over.items():
         argv += [f"--{k}"] + ([] if v is True else [str(v)])  # True: a switch
-    return common.parse_args(module.build_parser(), module.PRESETS, argv)
+    return runtime.parse_args(module.build_parser(), module.PRESETS, argv)
 
 
 def spy_on_clip(module, monkeypatch):
@@ -124,7 +123,7 @@ def test_joint_training_learns_prompts_with_S(stages, toy_world, tmp_path):
                                  epochs=1, joint=True, prompt_length=4))
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     torch.manual_seed(504)
-    start = semples.Prompts(semples.load_frozen_clip(toy_world["clip"], "cpu"), toy_world["num_classes"], 4)
+    start = method.Prompts(method.load_frozen_clip(toy_world["clip"], "cpu"), toy_world["num_classes"], 4)
     assert ckpt["extra"]["prompts"].shape == start.prompts.shape
     assert not torch.equal(ckpt["extra"]["prompts"], start.prompts.detach())
 
@@ -166,7 +165,7 @@ def test_stage_b_clips_the_gradient(stages, toy_world, tmp_path):
 def test_same_seed_same_cam_network(toy_world, tmp_path):
     """A stage run twice with one seed on CPU gives the same weights (initialisation included)."""
     for name in ("a", "b"):
-        train_cam.main(common.parse_args(train_cam.build_parser(), train_cam.PRESETS, FAST + [
+        train_cam.main(runtime.parse_args(train_cam.build_parser(), train_cam.PRESETS, FAST + [
             "--data", toy_world["root"], "--out", str(tmp_path / name), "--epochs", "1", "--batch_size", "16",
             "--size", "64"]))
     a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True)["model"] for n in "ab")
@@ -178,7 +177,7 @@ def test_resume_equals_uninterrupted(stages, toy_world, tmp_path, monkeypatch):
     full = small_args(train_match, toy_world, tmp_path / "full", init=cam, epochs=2, train="all")
     train_match.main(full)
 
-    real_save = common.save_checkpoint
+    real_save = runtime.save_checkpoint
     calls = {"n": 0}
 
     def killed_after_first_epoch(obj, path):
@@ -188,10 +187,10 @@ def test_resume_equals_uninterrupted(stages, toy_world, tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
 
     part = small_args(train_match, toy_world, tmp_path / "part", init=cam, epochs=2, train="all")
-    monkeypatch.setattr(common, "save_checkpoint", killed_after_first_epoch)
+    monkeypatch.setattr(runtime, "save_checkpoint", killed_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         train_match.main(part)
-    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    monkeypatch.setattr(runtime, "save_checkpoint", real_save)
     assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     changed = small_args(train_match, toy_world, tmp_path / "part", init=cam, epochs=2, train="all", lr=0.1)
     with pytest.raises(ValueError, match="other flags.*--lr"):
@@ -232,7 +231,7 @@ def test_bad_input_errors(stages, toy_world, tmp_path):
     # a prompts file whose class count does not match the dataset
     bad = torch.load(out / "prompt" / "prompts.pt", weights_only=True)
     bad["prompts"], bad["class_names"], bad["num_classes"] = bad["prompts"][:2], bad["class_names"][:2], 2
-    common.save_checkpoint(bad, tmp_path / "two.pt")
+    runtime.save_checkpoint(bad, tmp_path / "two.pt")
     p = run("train_refine.py", *FAST, *data, *stages["init"], "--prompts",
             str(tmp_path / "two.pt"), "--out", str(tmp_path / "c"), ok=False)
     assert p.returncode != 0 and "was learned for classes" in p.stderr
@@ -252,8 +251,8 @@ def test_bad_input_errors(stages, toy_world, tmp_path):
     # a split list whose masks hold no class at all: nothing to learn from
     root = tmp_path / "data"
     shutil.copytree(toy_world["root"], root)
-    first = common.read_ids(str(root), "train_aug")[0]
-    common.save_mask(str(root / "SegmentationClass" / f"{first}.png"), np.zeros((64, 64), np.uint8))
+    first = datasets.read_ids(str(root), "train_aug")[0]
+    datasets.save_mask(str(root / "SegmentationClass" / f"{first}.png"), np.zeros((64, 64), np.uint8))
     (root / "ImageSets" / "Segmentation" / "blank.txt").write_text(first + "\n")
     p = run("train_cam.py", *FAST, "--data", str(root), "--split", "blank", "--out", str(tmp_path / "a"), ok=False)
     assert p.returncode != 0 and "no image of split list 'blank'" in p.stderr and "Traceback" not in p.stderr
@@ -264,9 +263,9 @@ def test_images_without_a_class_are_left_out(stages, toy_world, tmp_path):
     says so in its log, instead of stopping (a foreign world may hold some)."""
     root = tmp_path / "data"
     shutil.copytree(toy_world["root"], root)
-    ids = common.read_ids(str(root), "train_aug")
+    ids = datasets.read_ids(str(root), "train_aug")
     for i in ids[:3]:
-        common.save_mask(str(root / "SegmentationClass" / f"{i}.png"), np.zeros((64, 64), np.uint8))
+        datasets.save_mask(str(root / "SegmentationClass" / f"{i}.png"), np.zeros((64, 64), np.uint8))
     note = f"3 of {len(ids)} images of 'train_aug' hold no class in their mask and are left out"
     run("train_cam.py", *FAST, "--data", str(root), "--out", str(tmp_path / "cam"), "--epochs", "1",
         "--batch_size", "16", "--size", "64")
@@ -274,5 +273,5 @@ def test_images_without_a_class_are_left_out(stages, toy_world, tmp_path):
     run("train_prompt.py", *FAST, "--data", str(root), "--clip", toy_world["clip"], "--match",
         str(stages["out"] / "match" / "checkpoint.pt"), "--out", str(tmp_path / "prompt"), "--epochs", "1")
     assert note in (tmp_path / "prompt" / "log.txt").read_text()
-    data = common.ClsDataset(str(root), "train_aug", len(common.read_class_names(str(root))), 64)
+    data = datasets.ClsDataset(str(root), "train_aug", len(datasets.read_class_names(str(root))), 64)
     assert data.ids == ids[3:] and data.labels.any(1).all() and data.left_out == 3

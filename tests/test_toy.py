@@ -7,9 +7,8 @@ import pytest
 import torch
 
 import clip
-import common
-import make_toy
-import semples
+from semples import datasets, method, runtime
+from tools import make_toy
 
 SPLITS = ("train_aug", "train", "val")
 SMALL = dict(n_train=10, n_val=4, n_train_subset=5, size=48, cooccur=0.8, multi=0.25, quiet=True)
@@ -35,18 +34,18 @@ def test_generator_is_deterministic(tmp_path):
 
 def test_layout_matches_the_reader(toy_world):
     root, K = toy_world["root"], toy_world["num_classes"]
-    assert 6 <= K <= 10 and common.read_class_names(root) == toy_world["class_names"] == make_toy.NAMES
-    ids = {s: common.read_ids(root, s) for s in SPLITS}
+    assert 6 <= K <= 10 and datasets.read_class_names(root) == toy_world["class_names"] == make_toy.NAMES
+    ids = {s: datasets.read_ids(root, s) for s in SPLITS}
     assert len(ids["train_aug"]) == 64 and len(ids["val"]) == 32
     assert ids["train"] == ids["train_aug"][:32]
     assert not set(ids["val"]) & set(ids["train_aug"])
     for s in SPLITS:
-        y = common.load_labels(root, ids[s], K)
+        y = datasets.load_labels(root, ids[s], K)
         assert y.shape == (len(ids[s]), K) and y.dtype == np.float32
         assert (y.sum(1) >= 1).all(), f"an image of {s} has no label"
     for i in ids["val"][:4]:
-        img = common.read_image(common.image_path(root, i))
-        mask = common.read_mask(os.path.join(common.mask_dir(root), f"{i}.png"))
+        img = datasets.read_image(datasets.image_path(root, i))
+        mask = datasets.read_mask(os.path.join(datasets.mask_dir(root), f"{i}.png"))
         assert img.shape == (64, 64, 3) and img.dtype == np.uint8
         assert mask.shape == (64, 64) and mask.dtype == np.uint8
         assert set(np.unique(mask).tolist()) <= set(range(K + 1)) | {255}
@@ -54,10 +53,10 @@ def test_layout_matches_the_reader(toy_world):
 
 def test_masks_labels_and_meta_agree(toy_world):
     root, meta = toy_world["root"], toy_world["meta"]
-    labels = common.derive_labels(root, sorted(meta["images"]))
+    labels = datasets.derive_labels(root, sorted(meta["images"]))
     assert not os.path.exists(os.path.join(root, "cls_labels.json"))  # nothing derived is written into a dataset
     for i, info in meta["images"].items():
-        mask = common.read_mask(os.path.join(root, "SegmentationClass", f"{i}.png"))
+        mask = datasets.read_mask(os.path.join(root, "SegmentationClass", f"{i}.png"))
         in_mask = sorted(int(v) for v in np.unique(mask) if v not in (0, 255))
         drawn = sorted({make_toy.NAMES.index(o["cls"]) + 1 for o in info["objects"]})
         assert labels[i] == in_mask == drawn, i
@@ -66,8 +65,8 @@ def test_masks_labels_and_meta_agree(toy_world):
 
 def test_ignore_band_separates_objects_from_background(toy_world):
     root = toy_world["root"]
-    for i in common.read_ids(root, "train_aug")[:20]:
-        m = common.read_mask(os.path.join(root, "SegmentationClass", f"{i}.png")).astype(int)
+    for i in datasets.read_ids(root, "train_aug")[:20]:
+        m = datasets.read_mask(os.path.join(root, "SegmentationClass", f"{i}.png")).astype(int)
         band = m == 255
         assert 0 < band.mean() < 0.3
         p = np.pad(m, 1, constant_values=255)
@@ -106,7 +105,7 @@ def test_tiny_clip_loads_and_encodes(toy_world):
     assert model.context_length == 40 and model.visual.input_resolution == 64
     root = toy_world["root"]
     from PIL import Image
-    img = Image.open(common.image_path(root, common.read_ids(root, "val")[0]))
+    img = Image.open(datasets.image_path(root, datasets.read_ids(root, "val")[0]))
     with torch.no_grad():
         v = model.encode_image(preprocess(img)[None])
         u = model.encode_text(clip.tokenize([t.format(n) for n in meta["class_names"] for t in make_toy.TEMPLATES],
@@ -155,7 +154,7 @@ def test_geometry_is_fixed_and_keyed(toy_world, tmp_path):
     meta = make_toy.pretrain_clip(toy_world["root"], path, cone=rho, gap_cos=kappa, **args)
     assert meta["pretrain_args"]["cone"] == rho and meta["pretrain_args"]["gap_cos"] == kappa
     assert "cone" not in toy_world["clip_meta"]["pretrain_args"]
-    common.seed_everything(0)  # as pretrain_clip does before building the model (seed 0)
+    runtime.seed_everything(0)  # as pretrain_clip does before building the model (seed 0)
     init = clip.model.CLIP(**make_toy.CLIP_CONFIG)  # what the frozen ones start as, and must still be
     make_toy._fix_geometry(init, rho, kappa, 0)
     sd = torch.load(path, weights_only=True)["state_dict"]
@@ -167,11 +166,11 @@ def test_geometry_is_fixed_and_keyed(toy_world, tmp_path):
     d_t = torch.nn.functional.normalize(sd["text_projection"].sum(0), dim=0)
     d_i = torch.nn.functional.normalize(sd["visual.proj"].sum(0), dim=0)
     assert float(d_t @ d_i) == pytest.approx(kappa, abs=1e-5)
-    model = semples.load_frozen_clip(path, "cpu")
+    model = method.load_frozen_clip(path, "cpu")
     words = make_toy.NAMES + make_toy.BACKGROUNDS
-    t = semples.class_text_features(model, words)  # "a photo of {w}.", normalised
+    t = method.class_text_features(model, words)  # "a photo of {w}.", normalised
     ids, x = make_toy._load_split(toy_world["root"], "val")
-    v = semples.encode_images(model, x[:16].float() / 255)
+    v = method.encode_images(model, x[:16].float() / 255)
     assert torch.allclose(t @ d_t, torch.full((len(words),), rho ** 0.5), atol=1e-4)
     assert torch.allclose(v @ d_i, torch.full((16,), rho ** 0.5), atol=1e-4)
     assert (t @ t.T).min() >= 2 * rho - 1 - 1e-4  # the text cone: no cosine near 0 (plain tiny CLIP: -0.5)

