@@ -45,8 +45,8 @@ def build_parser():
     p.add_argument("--output_stride", type=int, default=16, choices=(8, 16, 32), help="output stride of S")
     p.add_argument("--size", type=runtime.positive_int, default=448, help="S input size (square)")
     p.add_argument("--clusters", type=str, default=None,
-                   help="category-cluster JSON (semples/clusters/voc.json, semples/clusters/coco.json, DATA/clusters.json for the "
-                        "toy world): shared cluster maps with cluster-level supervision; none = off")
+                   help="category-cluster JSON (semples/clusters/voc.json, semples/clusters/coco.json, DATA/clusters.json "
+                        "for the toy world): shared cluster maps with cluster-level supervision; none = off")
     return p
 
 

@@ -79,16 +79,17 @@ def build_parser():
 def background_cache(args, S, clip_model, K, device, log, rank=0):
     """v^b and k of every (image, present class) pair of the split, computed once with the frozen S at
     stage (a)'s input size and fill (args.size, args.fill), and v^f of the same pairs (for the log's reach of
-    L_refine, not for training). The cache is keyed on what produced it (S's weights, the split, the fill, the
-    size, the CLIP)."""
+    L_refine, not for training). The cache is keyed on what produced it (S's weights, the split and its data, the
+    fill, the size, the CLIP)."""
     path = os.path.join(args.out, "cache.pt")
+    data = datasets.ClsDataset(args.data, args.split, K, args.size, augment=False)
+    args.data_key = data.key  # the cache and a resume hold only for the same data
     key = {"S": weights_fingerprint(S.state_dict()), "split": args.split, "fill": args.fill,
-           "size": args.size, "clip": clip_identity(clip_model)}
+           "size": args.size, "clip": clip_identity(clip_model), "data": data.key}
     if os.path.exists(path):
         cache = torch.load(path, map_location="cpu", weights_only=True)
         if cache.get("key") == key and "v_f" in cache:  # a cache without v^f is an older version's
             return cache["v_b"], cache["v_f"], cache["k"]
-    data = datasets.ClsDataset(args.data, args.split, K, args.size, augment=False)
     loader = torch.utils.data.DataLoader(data, 64, shuffle=False, num_workers=args.workers)
     res = clip_model.visual.input_resolution
     v_b, v_f, ks = [], [], []
@@ -134,10 +135,7 @@ def main(args):
     device, rank, world, log, out_path, names = train_loop.begin(args, "prompts.pt")
     K = len(names)
     words = read_words(args.words)  # read now: a bad path should not wait for the end of training
-    S, match_ckpt = load_mask_generator(args.match, device, "--match", names)
-    if not match_ckpt.get("done", True):
-        raise ValueError(f"--match {args.match} is from an unfinished stage (a) run (epoch "
-                         f"{match_ckpt['epoch']}/{match_ckpt['epochs']}); finish it first")
+    S, match_ckpt = load_mask_generator(args.match, device, "--match", names)  # finished ones only
     for name in ("backbone", "output_stride", "size"):  # S as stage (a) built and fed it
         setattr(args, name, match_ckpt["args"][name])
     args.fill = match_ckpt["args"].get("fill", "mean")  # a CAM network checkpoint has no --fill: the default
@@ -146,6 +144,9 @@ def main(args):
     v_b, v_f, k = background_cache(args, S, clip_model, K, device, log, rank)
     v_b, k = v_b.to(device), k.to(device)
     del S
+    if args.batch_size > len(k):  # clamping it would leave the lr scaled by a batch that never trains
+        raise ValueError(f"--batch_size {args.batch_size} is larger than the {len(k)} (image, class) pairs of "
+                         f"'{args.split}'; lower it")
 
     torch.manual_seed(args.seed)  # the prompts' init must not depend on whether the cache existed
     prompts = Prompts(clip_model, K, args.prompt_length).to(device)
@@ -173,7 +174,7 @@ def main(args):
 
     if args.epochs == 0 or start == 0:
         save(start)  # unlearned prompts are a valid (ablation) output too
-    steps, batch = max(1, len(k) // args.batch_size), min(args.batch_size, len(k))
+    steps, batch = len(k) // args.batch_size, args.batch_size
     mine = slice(*runtime.rank_share(batch, rank, world))  # this process's pairs of each step's batch
     for epoch in range(start, args.epochs):
         order = torch.randperm(len(k), generator=torch.Generator().manual_seed(args.seed + epoch)).to(device)

@@ -157,6 +157,7 @@ class SegDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.ids = datasets.read_ids(root, split)
         check_masks(masks, self.ids)
+        self.key = datasets.data_key(root, self.ids, masks=masks)  # images and training masks, for resume
         self.pad = np.array(IMAGENET_MEAN, np.float32) * 255
 
     def __len__(self):
@@ -285,20 +286,19 @@ def main(args):
 
     if args.checkpoint:
         path = args.checkpoint
-        ckpt = runtime.load_checkpoint(path, "segmenter", "--checkpoint")
+        ckpt = runtime.load_checkpoint(path, "segmenter", "--checkpoint", finished=True)
         if ckpt["num_classes"] != K:
             raise ValueError(f"--checkpoint {path} was trained for {ckpt['num_classes']} foreground classes "
                              f"{ckpt['class_names'][:3]}..., the dataset {args.data} has {K} {names[:3]}...")
         net = build_segmenter(ckpt["args"], K + 1).to(device)
         net.load_state_dict(ckpt["model"])
-        if not ckpt.get("done"):
-            log(f"warning: {path} is unfinished (iteration {ckpt['iter']}/{ckpt['iters']})")
         miou = evaluate(net, args, names, device, rank, world, log)
         runtime.cleanup_distributed()
         return miou
 
     runtime.rank_share(args.batch_size, rank, world)  # before reading data: refuses more processes than images
     data = SegDataset(args.data, args.split, args.masks, K + 1, args.crop, SCALE_RANGE, args.seed)
+    args.data_key = data.key  # resume only on the same images and masks
     if len(data) < args.batch_size:
         raise ValueError(f"--batch_size {args.batch_size} is larger than the {len(data)} images of '{args.split}'")
     net = build_segmenter(vars(args), K + 1)

@@ -1,13 +1,30 @@
 """Reading data in VOC layout (VOC, COCO converted to it, the toy world): class lists, split lists, images,
-masks and the image-level labels derived from them, the category-cluster files, and the two datasets the
-stages iterate (ClsDataset for training S, ImageList for inference)."""
+masks, the image-level labels, the category-cluster files, and the two datasets the stages iterate
+(ClsDataset for training S, ImageList for inference).
+
+Image-level labels come from the masks (the class values present in SegmentationClass(Aug)/{id}.png), or
+from a labels file in the dataset folder, found by its fixed name:
+
+    DATA/labels.json       {"image id": ["class name", ...], ...}; names as in read_class_names (VOC's
+                           folder names such as "diningtable", or CLIP_NAMES' spelling "dining table");
+                           [] = an image with no class (as a mask holding only background)
+    DATA/cls_labels.npy    the file of the IRN/PSA family: np.save of a dict {id: multi-hot array over the K
+                           foreground classes (no background column), 0/1, float or int}; keys are the VOC id
+                           "2007_000032" or IRN's int form 2007000032. Read with allow_pickle: it is the
+                           user's own file, as in IRN.
+
+Both present is refused. An image takes its labels from the file when the file has an entry for it, else
+from its mask; an image with both must agree. Masks are then needed only for the splits that are scored
+(train for the seeds and pseudo masks, val for the segmenter). Split lists (read_ids) may be VOC lists
+(extra columns ignored) or DeepLab-style lists ("/JPEGImages/x.jpg /SegmentationClassAug/x.png")."""
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from semples.runtime import atomic_path
 
@@ -49,12 +66,51 @@ def check_root(root):
     return root
 
 
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+
+
+def _list_id(root, line):
+    """The image id a (stripped, non-empty) line of a split list names."""
+    if any(c.isspace() for c in line) and any(
+            os.path.exists(os.path.join(root, "JPEGImages", line + e)) for e in (".jpg", ".png")):
+        return line  # an id with a space in it, kept whole
+    first = line.split()[0]
+    if "/" in first or "\\" in first or first.lower().endswith(IMAGE_EXTS):
+        # DeepLab-style: "/JPEGImages/x.jpg /SegmentationClassAug/x.png" or the image path alone; the image
+        # path runs to its extension (a file name may hold a space)
+        m = re.match(r"(.+?\.(?:jpe?g|png))(?:\s|$)", line, re.IGNORECASE)
+        path = (m.group(1) if m else first).replace("\\", "/")
+        return os.path.splitext(path.rsplit("/", 1)[-1])[0]
+    return first  # a VOC list; extra columns ("2008_000001 -1") are ignored
+
+
 def read_ids(root, split):
-    """Image ids of `root/ImageSets/Segmentation/{split}.txt` (VOC lists may carry extra columns)."""
+    """Image ids of `root/ImageSets/Segmentation/{split}.txt`, one a line. A line is read as
+    - a VOC id, extra columns ignored ("2008_000001 -1" -> "2008_000001");
+    - a DeepLab-style line, "/JPEGImages/x.jpg /SegmentationClassAug/x.png" (also without the leading slash,
+      or the image path alone) -> "x";
+    - an id with a space in it, kept whole, where the whole line names an existing JPEGImages/{line}.jpg/.png.
+    Windows line endings, a UTF-8 BOM, blank lines and trailing blanks are ignored. A duplicated id and an
+    empty list are refused."""
     check_root(root)
     path = _need(os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt"), f"split list '{split}'")
-    with open(path) as f:
-        ids = [line.split()[0] for line in f if line.strip()]
+    ids, line_of = [], {}
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.read().split("\n")  # universal newlines: \r\n and \r are \n here
+    except UnicodeDecodeError as e:
+        raise ValueError(f"split list {path} is not UTF-8 text ({e}); save it as plain text, one image id a "
+                         "line") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        i = _list_id(root, line)
+        if i in line_of:
+            raise ValueError(f"split list {path} names image '{i}' twice, on line {line_of[i]} and line {number}; "
+                             "remove one (a listed image is used once)")
+        line_of[i] = number
+        ids.append(i)
     if not ids:
         raise ValueError(f"split list {path} is empty")
     return ids
@@ -70,6 +126,15 @@ def read_class_names(root, dataset="toy"):
             names = [line.strip() for line in f if line.strip()]
         if names and names[0].strip("_").lower() == "background":
             names = names[1:]
+        if not names:
+            raise ValueError(f"{path} names no class: write one foreground class name a line")
+        seen = {}
+        for n, name in enumerate(names):  # one text per class: a repeat would match two classes with one text
+            key = name.lower()
+            if key in seen:
+                raise ValueError(f"{path} names the class '{name}' twice (classes {seen[key] + 1} and {n + 1}); "
+                                 "each line must name another class, in the order of the mask values 1, 2, ...")
+            seen[key] = n
         return names
     if dataset in ("voc", "coco"):
         return list(VOC_CLASSES if dataset == "voc" else COCO_CLASSES)
@@ -122,11 +187,12 @@ def image_path(root, image_id):
 
 
 def read_image(path):
-    """RGB uint8 HxWx3; a clear error for a missing or unreadable file."""
+    """RGB uint8 HxWx3 as an image viewer shows it: a photo's EXIF orientation applied (a phone's portrait shot
+    is stored sideways; its mask was drawn on the upright view); a clear error for a missing or unreadable file."""
     _need(path, "image")
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except OSError as e:
         raise ValueError(f"cannot read image {path} ({e}); replace or remove it from the split list") from e
 
@@ -209,8 +275,9 @@ def cache_dir():
     return os.environ.get("SEMPLES_CACHE") or os.path.join(home, "semples")
 
 
-def derive_labels(root, ids):
+def derive_labels(root, ids, missing_ok=False):
     """{id: [class values present in its mask]}, the standard image-level labels, derived from the masks.
+    `missing_ok`: an id without a mask is left out of the result (else FileNotFoundError).
 
     Nothing is written into the dataset. The labels are cached in cache_dir(), one file per mask folder,
     each entry keyed by its mask file's size, mtime and inode: a changed mask is read again. Reading
@@ -225,8 +292,10 @@ def derive_labels(root, ids):
         cache = {}
     labels, changed = {}, False
     for i in ids:
-        mask_path = _need(os.path.join(folder, f"{i}.png"), "mask")
-        st = os.stat(mask_path)
+        mask_path = os.path.join(folder, f"{i}.png")
+        if missing_ok and not os.path.exists(mask_path):
+            continue
+        st = os.stat(_need(mask_path, "mask"))
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
         hit = cache.get(i)
         if isinstance(hit, list) and len(hit) == 2 and hit[0] == stamp:
@@ -243,22 +312,182 @@ def derive_labels(root, ids):
     return labels
 
 
-def load_labels(root, ids, num_classes, require_nonempty=True):
-    """Multi-hot labels [N, K] for `ids`, derived from their masks (derive_labels). An image without any
-    label cannot train a WSSS model."""
-    table = derive_labels(root, ids)
+# ----------------------------------------------------------------------------------------------
+# Image-level labels without masks: DATA/labels.json or DATA/cls_labels.npy
+# ----------------------------------------------------------------------------------------------
+LABEL_FILES = ("labels.json", "cls_labels.npy")
+
+
+def labels_file(root):
+    """The dataset's labels file (LABEL_FILES, see the module docstring), or None; both present is refused."""
+    found = [os.path.join(root, name) for name in LABEL_FILES if os.path.exists(os.path.join(root, name))]
+    if len(found) > 1:
+        raise ValueError(f"two labels files in {root}: {found[0]} and {found[1]}; keep one of them (they would "
+                         "have to say the same)")
+    return found[0] if found else None
+
+
+def _irn_int_id(image_id):
+    """IRN's cls_labels.npy keys VOC ids as ints: "2007_000032" -> "2007000032" (as a string); else None."""
+    return image_id[:4] + image_id[5:] if re.fullmatch(r"\d{4}_\d+", image_id) else None
+
+
+def _label_class_names(root, num_classes, class_names):
+    """The class names labels.json is read against: those given, else read_class_names (class_names.txt,
+    else the VOC or COCO list by the class count)."""
+    if class_names is not None:
+        return list(class_names)
+    if os.path.exists(os.path.join(root, "class_names.txt")):
+        names = read_class_names(root)
+    else:
+        names = {len(VOC_CLASSES): VOC_CLASSES, len(COCO_CLASSES): COCO_CLASSES}.get(num_classes)
+    if names is None or len(names) != num_classes:
+        raise ValueError(f"{os.path.join(root, 'labels.json')} names classes, but {root} has no class list of "
+                         f"{num_classes} classes to read them against: add {os.path.join(root, 'class_names.txt')}")
+    return list(names)
+
+
+def _read_labels_json(path, num_classes, class_names):
+    """labels.json -> {id: sorted 1-based class values}."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            table = json.load(f)
+    except OSError as e:
+        raise ValueError(f"labels file {path}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise ValueError(f"labels file {path} is not valid JSON ({e})") from None
+    if not isinstance(table, dict):
+        raise ValueError(f'labels file {path} must be a JSON object {{"image id": ["class name", ...], ...}}')
+    index = {n: k + 1 for k, n in enumerate(class_names)}
+    for k, n in enumerate(class_names):  # CLIP's natural spelling ("dining table") names VOC's "diningtable" too
+        index.setdefault(CLIP_NAMES.get(n, n), k + 1)
+    out = {}
+    for i, names in table.items():
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ValueError(f"labels file {path}: the entry of image '{i}' must be a list of class names "
+                             f'(["{class_names[0]}", ...]; [] for an image with no class), got {names!r}')
+        for n in names:
+            if n not in index:
+                raise ValueError(f"labels file {path}: image '{i}' names class '{n}', which is not a class of the "
+                                 f"dataset (known: {', '.join(class_names[:6])}"
+                                 f"{', ...' if len(class_names) > 6 else ''})")
+        out[i] = sorted({index[n] for n in names})
+    return out
+
+
+def _read_labels_npy(path, num_classes):
+    """cls_labels.npy (IRN/PSA) -> {id: sorted 1-based class values}; int keys become their string form."""
+    try:
+        obj = np.load(path, allow_pickle=True)
+        table = obj.item() if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == () else obj
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"labels file {path}: cannot read it as a NumPy file ({e})") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"labels file {path} must hold a dict {{image id: multi-hot array of {num_classes}}}, as "
+                         "np.save(path, dict) writes it (IRN's cls_labels.npy)")
+    out = {}
+    for key, row in table.items():
+        i = str(int(key)) if isinstance(key, (int, np.integer)) else str(key)
+        try:
+            row = np.asarray(row, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"labels file {path}: the row of image {i} is not a numeric array") from None
+        if row.shape != (num_classes,):
+            extra = (f" (a background column first? the row holds the {num_classes} foreground classes only)"
+                     if row.shape == (num_classes + 1,) else "")
+            raise ValueError(f"labels file {path}: the row of image {i} has shape {tuple(row.shape)}, expected "
+                             f"({num_classes},), one 0/1 entry per class of the dataset{extra}")
+        if not np.isin(row, (0, 1)).all():
+            raise ValueError(f"labels file {path}: the row of image {i} holds {sorted(set(row.tolist()) - {0, 1})}; "
+                             "a multi-hot row holds 0 or 1 only")
+        out[i] = (np.flatnonzero(row) + 1).tolist()
+    return out
+
+
+def read_labels_file(root, num_classes, class_names=None):
+    """(path, {id: sorted 1-based class values}) of the dataset's labels file, or (None, {})."""
+    path = labels_file(check_root(root))
+    if path is None:
+        return None, {}
+    if path.endswith(".npy"):
+        return path, _read_labels_npy(path, num_classes)
+    return path, _read_labels_json(path, num_classes, _label_class_names(root, num_classes, class_names))
+
+
+def load_labels(root, ids, num_classes, require_nonempty=True, class_names=None):
+    """Multi-hot labels [N, K] (float32) for `ids`.
+
+    Each image's labels come from the dataset's labels file when it has an entry for the image (DATA/labels.json:
+    {"image id": ["class name", ...]}, or DATA/cls_labels.npy: {id or IRN's int id: multi-hot [K]}; see the
+    module docstring), else from its mask (derive_labels: the class values present in
+    SegmentationClass(Aug)/{id}.png). Refused: an image with neither; an image whose file entry and mask
+    disagree; a class name the dataset does not have; a multi-hot row not of length K; both files present.
+    labels.json is read against `class_names` (default: read_class_names; the VOC/COCO list by K).
+    `require_nonempty`: an image without any label (an empty entry, a mask of background alone) is refused,
+    since it cannot train a WSSS model; else its row is all zeros."""
+    file_path, from_file = read_labels_file(root, num_classes, class_names)
     folder = mask_dir(root)
+
+    def in_file(i):
+        if i in from_file:
+            return from_file[i]
+        alt = _irn_int_id(i)
+        return from_file.get(alt) if alt is not None else None
+
+    filed = {i: in_file(i) for i in ids}
+    table = derive_labels(root, ids, missing_ok=True)
+    names = None
+
+    def spelled(values):
+        nonlocal names
+        if names is None:
+            try:
+                names = _label_class_names(root, num_classes, class_names)
+            except ValueError:
+                names = [str(k + 1) for k in range(num_classes)]
+        return "[" + ", ".join(names[v - 1] if 1 <= v <= len(names) else str(v) for v in values) + "]"
+
     y = np.zeros((len(ids), num_classes), np.float32)
     for n, i in enumerate(ids):
-        values, where = table[i], os.path.join(folder, f"{i}.png")
-        if require_nonempty and not values:
-            raise ValueError(f"image {i} has an empty label row: its mask {where} holds no class, and every "
-                             "training image needs at least one; remove it from the split list")
-        if values and (min(values) < 1 or max(values) > num_classes):
-            raise ValueError(f"mask {where} holds class {max(values)} outside 1..{num_classes}: class count "
+        where = os.path.join(folder, f"{i}.png")
+        values, mask_values = filed[i], table.get(i)
+        if values is None and mask_values is None:
+            told = (f"the labels file {file_path} has no entry for it" if file_path else
+                    f"there is no labels file ({os.path.join(root, LABEL_FILES[0])} or {LABEL_FILES[1]})")
+            raise FileNotFoundError(f"image {i} has no label: {told} and its mask {where} does not exist; add its "
+                                    "mask or its labels, or remove it from the split list (and check --data, see "
+                                    "README 'Data')")
+        if mask_values and (min(mask_values) < 1 or max(mask_values) > num_classes):
+            raise ValueError(f"mask {where} holds class {max(mask_values)} outside 1..{num_classes}: class count "
                              "mismatch between the masks and the class list")
+        if values is not None and mask_values is not None and sorted(mask_values) != values:
+            raise ValueError(f"image {i}: the labels file {file_path} says {spelled(values)} but its mask {where} "
+                             f"holds {spelled(sorted(mask_values))}; correct one of them (or delete the mask to "
+                             "take the file's labels)")
+        if values is None:
+            values, source = mask_values, f"its mask {where}"
+        else:
+            source = f"its entry in {file_path}"
+        if require_nonempty and not values:
+            raise ValueError(f"image {i} has an empty label row: {source} holds no class, and every "
+                             "training image needs at least one; remove it from the split list")
         y[n, np.asarray(values, int) - 1] = 1
     return y
+
+
+def data_key(root, ids, labels=None, masks=None):
+    """A short hash of what a run reads: the image list in order, each image file's size and modification time,
+    the labels and, with `masks` (a folder), each training mask's size and time. Part of a run's resume and
+    reuse keys: after an image is replaced, a mask relabelled or the list edited, a rerun starts afresh instead of
+    resuming training on other data."""
+    h = hashlib.sha256()
+    for i in ids:
+        files = [image_path(root, i)] + ([os.path.join(masks, f"{i}.png")] if masks else [])
+        stats = [os.stat(f) for f in files]
+        h.update((i + "".join(f"\0{st.st_size}\0{st.st_mtime_ns}" for st in stats) + "\n").encode())
+    if labels is not None:
+        h.update(np.ascontiguousarray(labels, dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
 
 
 class ClsDataset(torch.utils.data.Dataset):
@@ -267,24 +496,29 @@ class ClsDataset(torch.utils.data.Dataset):
     Images come out as float [3, size, size] in [0, 1]: S normalises them itself, and the masked CLIP
     samples are built from the raw pixels. Augmentation (horizontal flip) draws from an RNG seeded by
     (seed, epoch, index), so a resumed run sees exactly the images an uninterrupted run would.
-    Images whose mask holds no class (scenery alone) are left out: no (image, class) pair of stages (a)-(c)
+    Labels: load_labels (the labels file where it has the image, else the mask).
+    Images whose labels hold no class (scenery alone) are left out: no (image, class) pair of stages (a)-(c)
     comes from them. `self.left_out` counts them, for the stage's log."""
 
     def __init__(self, root, split, num_classes, size, augment=False, seed=0):
         self.root, self.size, self.augment, self.seed, self.epoch = root, size, augment, seed, 0
         ids = read_ids(root, split)
         labels = load_labels(root, ids, num_classes, require_nonempty=False)
+        self.labels_file = labels_file(root)
+        where = f"their mask or {self.labels_file}" if self.labels_file else "their mask"
         keep = labels.any(1)
         if not keep.any():
-            raise ValueError(f"no image of split list '{split}' in {root} has a class in its mask "
+            raise ValueError(f"no image of split list '{split}' in {root} has a class in {where} "
                              f"({mask_dir(root)}): there is nothing to learn classes from")
         self.ids, self.labels = [i for i, k in zip(ids, keep) if k], labels[keep]
         self.left_out = len(ids) - len(self.ids)
+        self.key = data_key(root, self.ids, self.labels)  # what this data set is, for resume and reuse keys
+        self._where = where
 
     def note(self, split):
         """The log line about left-out images, or None."""
-        return (f"{self.left_out} of {self.left_out + len(self.ids)} images of '{split}' hold no class in their "
-                "mask and are left out" if self.left_out else None)
+        return (f"{self.left_out} of {self.left_out + len(self.ids)} images of '{split}' hold no class in "
+                f"{self._where} and are left out" if self.left_out else None)
 
     def __len__(self):
         return len(self.ids)

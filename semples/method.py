@@ -28,7 +28,11 @@ def load_frozen_clip(name_or_path, device):
     try:
         model, _ = clip.load(name_or_path, device="cpu")
     except (ValueError, FileNotFoundError) as e:
-        raise type(e)(f"--clip {name_or_path}: {e}") from None
+        raise type(e)(f"--clip {name_or_path}: {str(e).removeprefix(f'{name_or_path}: ')}") from None
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:  # else every loss is NaN, and the advice to lower --lr would point the wrong way
+        raise ValueError(f"--clip {name_or_path}: weights hold NaN or inf ({', '.join(bad[:3])}); the file is damaged "
+                         "or was saved from a diverged run: use another CLIP file")
     model = model.float().to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -215,7 +219,7 @@ def _bare_tokens(text, model):
 def load_prompt_features(path, clip_model, class_names, flag="--prompts"):
     """u^b [K, D] from a stage (b) prompts file, re-encoded with `clip_model` after checking that the
     prompts were learned with the same CLIP (all weights) and for the same classes (names and order)."""
-    ckpt = load_checkpoint(path, "prompts", flag)
+    ckpt = load_checkpoint(path, "prompts", flag, finished=True)
     if ckpt["class_names"] != list(class_names):
         raise ValueError(f"{flag} {path} was learned for classes {ckpt['class_names'][:4]}..., the dataset has "
                          f"{list(class_names)[:4]}...")

@@ -144,9 +144,9 @@ def build_mask_generator(backbone, num_classes, output_stride, init=None, cluste
 
 
 def load_mask_generator(path, device, flag="--checkpoint", class_names=None):
-    """Rebuild S from a stage checkpoint alone (the architecture is in the checkpoint's args); with
+    """Rebuild S from a finished stage checkpoint alone (the architecture is in the checkpoint's args); with
     `class_names`, refuse a checkpoint trained for other classes (names and order, not only the count)."""
-    ckpt = load_checkpoint(path, "mask_generator", flag)
+    ckpt = load_checkpoint(path, "mask_generator", flag, finished=True)
     if class_names is not None and ckpt["class_names"] != list(class_names):
         raise ValueError(f"{flag} {path} was trained for classes {ckpt['class_names'][:4]}... "
                          f"({ckpt['num_classes']}), the dataset has {list(class_names)[:4]}... ({len(class_names)})")

@@ -22,7 +22,7 @@ MATCHING = {
     "toy": dict(
         batch_size=32,  # the toy world has 2,000 images: more steps per epoch than at 64
         epochs=20,  # 6 -> 20: stage (a) +1.6 -> +2.3 seed mIoU over the CAM network, 3 seeds (docs/toy.md, "Epochs")
-        lr=0.05,  # at the paper's lr the 1x1 head barely moves: +0.3 seed mIoU in 6 epochs (docs/toy.md, "Learning rate")
+        lr=0.05,  # at the paper's lr the head barely moves: +0.3 seed mIoU in 6 epochs (docs/toy.md, "Learning rate")
         lambda_b=1.2,  # the tiny CLIP scores backgrounds 0.2-0.5 with their class text (docs/toy.md, "lambda_b")
         lambda_area=0.75,  # without it, at a toy lr L_match finds wrong masks (docs/toy.md, "Area term")
         workers=1,  # 2 cores: one loader process beside the training one
@@ -50,7 +50,7 @@ STAGES = {
         "coco": dict(match="out/coco/match/checkpoint.pt", out="out/coco/prompt", lambda_T=0.01),  # paper, COCO
         "toy": dict(match="out/toy/match/checkpoint.pt", out="out/toy/prompt",
                     epochs=30,  # 22 s on the toy world; no sweep on record (docs/toy.md, "Stage (b)")
-                    prompt_length=8,  # the tiny CLIP's positions past ~15 tokens never trained (docs/toy.md, "Stage (b)")
+                    prompt_length=8,  # the tiny CLIP's positions past ~15 never trained (docs/toy.md, "Stage (b)")
                     workers=1,
                     lambda_T=1.0,  # at 0.02 the tiny CLIP's prompts stay on the class text (docs/toy.md, "Stage (b)")
                     clip_grad=1.0),  # cosines near 0 spike L_prompt^T's gradient (docs/toy.md, "Gradient clipping")
@@ -71,7 +71,7 @@ STAGES = {
                      scales="1.0,0.8,1.2",  # the release's COCO scales
                      store_scale=0.5),  # COCO's 82k CAM files: ~27 GB at half resolution instead of ~100 GB
         "toy": dict(checkpoint="out/toy/refine/checkpoint.pt", out="out/toy/pseudo",
-                    bg_threshold=0.45,  # fixed once from a developers' sweep, never from GT at run time (docs/toy.md, "Threshold")
+                    bg_threshold=0.45,  # fixed by one developers' sweep, not GT at run time (docs/toy.md, "Threshold")
                     batch_size=64),  # 96 px images: more per forward pass on CPU
     },
     "train_seg": {

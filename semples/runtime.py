@@ -97,18 +97,31 @@ def parse_args(parser, presets, argv=None):
     return args
 
 
-def run_cli(main, parser, presets):
-    """A stage's command line: parse, then main(args). A ValueError, FileNotFoundError or full disk (the clear
-    messages our checks raise) ends as `script: error: message` with exit status 1, not a traceback;
-    SEMPLES_TRACEBACK=1 shows the traceback."""
-    args = parse_args(parser, presets)
+def run_cli(main, parser, presets=None):
+    """A script's command line: parse (with the --dataset presets, if given), then main(args), holding a stage's
+    --out folder (hold_folder; rank 0 under torchrun; not a tool's without presets, e.g. make_toy's dataset). A
+    ValueError, FileNotFoundError or full disk (the clear messages our checks raise) ends as `script: error:
+    message` with exit status 1, not a traceback; SEMPLES_TRACEBACK=1 shows the traceback."""
+    args = parser.parse_args() if presets is None else parse_args(parser, presets)
+    out = getattr(args, "out", None) if presets is not None else None  # a tool without presets writes no run
     try:
-        return main(args)
-    except (ValueError, OSError) as e:
-        clear = isinstance(e, (ValueError, FileNotFoundError)) or e.errno == errno.ENOSPC
+        with hold_folder(out) if out and int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+            return main(args)
+    except (ValueError, OSError, FloatingPointError) as e:
+        clear = isinstance(e, (ValueError, FileNotFoundError, FloatingPointError)) or e.errno == errno.ENOSPC
         if not clear or os.environ.get("SEMPLES_TRACEBACK"):
             raise
-        parser.exit(1, f"{parser.prog}: error: {e}\n")
+        parser.exit(1, f"{parser.prog}: error: {one_line(e)}\n")
+
+
+def one_line(e):
+    """An error's own message. Raised in a DataLoader worker, it arrives wrapped in the worker's traceback
+    ("Caught ValueError in DataLoader worker process 0. Original Traceback ..."), whose last line is it."""
+    msg = str(e)
+    if "Original Traceback (most recent call last)" in msg:
+        last = msg.rstrip().splitlines()[-1]
+        msg = last.split(": ", 1)[1] if ": " in last else last
+    return msg
 
 
 def _repo_path(value):
@@ -285,6 +298,67 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+LOCK = ".lock"  # in a run's --out folder while a run writes there: "pid@host"
+
+
+def _lock_owner(path):
+    try:
+        with open(path) as f:
+            pid, _, host = f.read().strip().partition("@")
+        return int(pid), host
+    except (OSError, ValueError):
+        return None, None  # unreadable or half-written: taken as stale
+
+
+def _alive(pid, host):
+    if host != os.uname().nodename:
+        return True  # another machine's (a shared disk): cannot tell, so it counts as running
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+@contextlib.contextmanager
+def hold_folder(folder, flag="--out"):
+    """Hold an output folder while a run writes there: a second run into it is refused, naming the folder and
+    the other run's pid (two runs into one folder interleave their logs, checkpoints and masks). A lock whose
+    process is gone is taken over, and the temporary files a killed run left there (atomic_path's) are removed.
+    Folders below it holding their own lock are another run's: left alone."""
+    make_dir(folder, flag)
+    path, me = os.path.join(folder, LOCK), f"{os.getpid()}@{os.uname().nodename}"
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid, host = _lock_owner(path)
+            if pid is not None and _alive(pid, host):
+                where = "" if host == os.uname().nodename else f" on {host}"
+                raise ValueError(f"{flag} {folder} is in use by another run (pid {pid}{where}): wait for it to end or "
+                                 f"stop it, or pass another {flag}; if no such run exists, remove {path}") from None
+            try:
+                os.remove(path)  # stale: its run is gone
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    try:
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = [d for d in dirs if not os.path.exists(os.path.join(root, d, LOCK))]
+            for name in files:
+                if name.startswith(".") and name.endswith(".tmp"):  # atomic_path's names
+                    os.remove(os.path.join(root, name))
+        yield
+    finally:
+        if _lock_owner(path) == (os.getpid(), os.uname().nodename):
+            os.remove(path)
+
+
 def save_checkpoint(obj, path):
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -300,14 +374,20 @@ def read_torch_file(path, flag, hint):
         raise ValueError(f"{flag} {path} is not a readable torch file ({e}): {hint}") from e
 
 
-def load_checkpoint(path, kind, flag="--init"):
+def load_checkpoint(path, kind, flag="--init", finished=False):
     """Load a checkpoint dict written by one of our stages and check it holds `kind`
-    ('mask_generator', 'prompts', 'segmenter')."""
+    ('mask_generator', 'prompts', 'segmenter'). `finished`: refuse one whose run stopped before its last epoch
+    (killed, or --stop_after): an input to the next stage must be a finished result, not a snapshot."""
     ckpt = read_torch_file(path, flag, "run the stage that writes it first (see README), or point the flag at "
                                        "an existing checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} (flag {flag}) holds '{found}', expected a '{kind}' checkpoint")
+    if finished and ckpt.get("done") is False:
+        at = (f"iteration {ckpt['iter']}/{ckpt['iters']}" if "iter" in ckpt else
+              f"epoch {ckpt.get('epoch')}/{ckpt.get('epochs')}")
+        raise ValueError(f"{flag} {path} is unfinished ({at}): rerun the stage that wrote it with the same flags "
+                         "(it resumes) until it finishes, then pass it")
     return ckpt
 
 
@@ -360,6 +440,10 @@ def check_resume(saved, current, path, free=()):
     the stage's own flags that shape no result (besides RESUME_FREE)."""
     skip = RESUME_FREE | set(free)
     diff = sorted(k for k in set(saved) | set(current) if k not in skip and saved.get(k) != current.get(k))
+    if "data_key" in diff:
+        raise ValueError(f"{path} was trained on other data: the image list, the labels or an image file changed "
+                         "since (--data holds the same names, other contents); pass --no-resume or another --out to "
+                         "start afresh on the data as it is now")
     if diff:
         detail = ", ".join(f"--{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:4])
         raise ValueError(f"{path} was made with other flags ({detail}); rerun with those flags to resume, "

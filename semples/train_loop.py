@@ -43,7 +43,8 @@ def begin(args, checkpoint="checkpoint.pt"):
     device, rank, world = runtime.setup_device(args.device)
     runtime.seed_everything(args.seed)
     log = runtime.Logger(args.out, rank)
-    return device, rank, world, log, os.path.join(args.out, checkpoint), datasets.read_class_names(args.data, args.dataset)
+    names = datasets.read_class_names(args.data, args.dataset)
+    return device, rank, world, log, os.path.join(args.out, checkpoint), names
 
 
 # What an objective's mean is over, counted in a batch (x images, y multi-hot labels): the weight of each
@@ -104,6 +105,7 @@ def train(args, objective, stage, S=None, extra=None, extra_lr=None, cluster_map
     # (image index, flipped) -> features of the frozen backbone; only a frozen backbone's features can be kept
     cache = {} if getattr(args, "cache_features", False) and S.frozen_backbone else None
     data = datasets.ClsDataset(args.data, args.split, K, args.size, augment=True, seed=args.seed)
+    args.data_key = data.key  # resume only on the same data
     if data.left_out:
         log(data.note(args.split))
     sampler = GlobalBatches(len(data), args.batch_size, rank, world, args.seed)

@@ -45,13 +45,13 @@ def error_of(name, argv, capsys):
     return str(e.value)
 
 
-def fake_S(path, class_names, seed):
-    """A mask generator checkpoint as train_cam.py writes one, random weights."""
+def fake_S(path, class_names, seed, epoch=1, epochs=1):
+    """A mask generator checkpoint as train_cam.py writes one, random weights (unfinished if epoch < epochs)."""
     torch.manual_seed(seed)
     S = network.MaskGenerator("tiny", len(class_names), 8)
     runtime.save_checkpoint({"kind": "mask_generator", "model": S.state_dict(), "num_classes": len(class_names),
                             "class_names": class_names, "args": {"backbone": "tiny", "output_stride": 8, "size": 64},
-                            "epoch": 1, "epochs": 1, "done": True}, str(path))
+                            "epoch": epoch, "epochs": epochs, "done": epoch == epochs}, str(path))
     return str(path)
 
 
@@ -68,7 +68,20 @@ def w(toy_world, tmp_path_factory):
                           "missing": {"a": names[1:]}}.items():
         (tmp / f"{bad}.json").write_text(json.dumps(clusters))
     (tmp / "notjson.json").write_text("{vehicles: boat}")
+    clip_file = torch.load(toy_world["clip"], weights_only=True)
+    sd = clip_file["state_dict"]
+    for name, change in {"clip_missing": lambda d: d.pop("transformer.resblocks.0.ln_1.weight"),
+                         "clip_extra": lambda d: d.update({"head.weight": torch.zeros(3)}),
+                         "clip_shape": lambda d: d.update({"ln_final.bias": torch.zeros(7)}),
+                         "clip_nan": lambda d: d.update({"logit_scale": torch.tensor(float("nan"))})}.items():
+        edited = dict(sd)
+        change(edited)
+        torch.save(dict(clip_file, state_dict=edited), tmp / f"{name}.pt")
+    # what a killed stage leaves: a checkpoint saved after an epoch (or iteration) short of the last
+    torch.save({"kind": "prompts", "epoch": 3, "epochs": 30, "done": False}, tmp / "prompts_part.pt")
+    torch.save({"kind": "segmenter", "iter": 5, "iters": 10, "done": False}, tmp / "seg_part.pt")
     return dict(toy_world, tmp=tmp, S=fake_S(tmp / "S.pt", toy_world["class_names"], 0),
+                S_part=fake_S(tmp / "S_part.pt", toy_world["class_names"], 0, epoch=2, epochs=5),
                 gt=os.path.join(toy_world["root"], "SegmentationClass"))
 
 
@@ -79,10 +92,13 @@ def fill(argv, w):
 TRAIN = CPU + ["--data", "{root}", "--out", "{tmp}/o", "--size", 32, "--batch_size", 16]
 MATCH = CPU + ["--data", "{root}", "--out", "{tmp}/o", "--init", "{S}", "--batch_size", 16]
 PROMPT = CPU + ["--data", "{root}", "--out", "{tmp}/o"]
+UNFINISHED = ["unfinished", "rerun the stage"]
 CASES = [  # (kind, script, argv, fragments the message must hold)
     ("epochs 0", "train_cam", TRAIN + ["--epochs", 0], ["--epochs", "positive"]),
     ("epochs negative", "train_match", MATCH + ["--epochs", -2], ["--epochs", "positive"]),
     ("lr negative", "train_match", MATCH + ["--lr", -1], ["--lr", "positive"]),
+    ("batch larger than the pairs", "train_prompt", PROMPT + ["--match", "{S}", "--clip", "{clip}", "--batch_size",
+                                                              100000], ["--batch_size 100000", "pairs", "lower it"]),
     ("batch_size 0", "train_prompt", CPU + ["--data", "{root}", "--batch_size", 0], ["--batch_size"]),
     ("abbreviated flag", "train_match", MATCH + ["--epoch", 1], ["unrecognized", "--epoch"]),
     ("iters 0", "train_seg", CPU + ["--data", "{root}", "--iters", 0], ["--iters", "positive"]),
@@ -121,6 +137,25 @@ CASES = [  # (kind, script, argv, fragments the message must hold)
     ("segmenter: frozen BatchNorm of random weights", "train_seg", CPU + ["--data", "{root}", "--masks", "{gt}",
                                                                            "--backbone", "resnet101", "--freeze_bn"],
      ["--freeze_bn", "ImageNet weights", "--init", "--no-freeze_bn"]),
+    ("CLIP file: a key missing", "train_match", MATCH + ["--clip", "{tmp}/clip_missing.pt"],
+     ["--clip", "clip_missing.pt", "missing keys", "resblocks.0.ln_1.weight"]),
+    ("CLIP file: an extra key", "train_match", MATCH + ["--clip", "{tmp}/clip_extra.pt"],
+     ["--clip", "clip_extra.pt", "unexpected keys", "head.weight"]),
+    ("CLIP file: a weight of another shape", "train_match", MATCH + ["--clip", "{tmp}/clip_shape.pt"],
+     ["--clip", "clip_shape.pt", "'ln_final.bias' has shape (7,)"]),
+    ("CLIP file: NaN weights", "train_refine", MATCH + ["--clip", "{tmp}/clip_nan.pt", "--joint"],
+     ["--clip", "clip_nan.pt", "NaN", "logit_scale", "another CLIP file"]),
+    ("unfinished CAM network as --init", "train_match", MATCH + ["--init", "{S_part}"],
+     ["--init", "S_part.pt", "epoch 2/5"] + UNFINISHED),
+    ("unfinished stage (a) as --match", "train_prompt", PROMPT + ["--match", "{S_part}"],
+     ["--match", "S_part.pt", "epoch 2/5"] + UNFINISHED),
+    ("unfinished S as --checkpoint", "make_pseudo", CPU + ["--data", "{root}", "--out", "{tmp}/p", "--checkpoint",
+                                                         "{S_part}"], ["--checkpoint", "S_part.pt"] + UNFINISHED),
+    ("unfinished prompts", "train_refine", MATCH + ["--clip", "{clip}", "--prompts", "{tmp}/prompts_part.pt"],
+     ["--prompts", "prompts_part.pt", "epoch 3/30"] + UNFINISHED),
+    ("unfinished segmenter as --checkpoint", "train_seg", CPU + ["--data", "{root}", "--out", "{tmp}/s",
+                                                                  "--checkpoint", "{tmp}/seg_part.pt"],
+     ["--checkpoint", "seg_part.pt", "iteration 5/10"] + UNFINISHED),
     ("--json under a file", "eval_miou", ["--dataset", "toy", "--data", "{root}", "--pred", "{gt}", "--json",
                                           "{tmp}/afile/r.json"], ["--json", "afile is a file"]),
 ]
@@ -306,3 +341,135 @@ def test_masks_are_read_as_class_indices_or_refused(tmp_path):
         with pytest.raises(ValueError, match=fragment) as e:
             datasets.read_mask(str(tmp_path / f"{name}.png"))
         assert f"{name}.png" in str(e.value)
+
+
+def test_one_run_per_out_folder_and_leftovers_go(w, tmp_path):
+    """A run holds its --out folder: a second run into it is refused naming the folder and the first run's pid;
+    a lock whose run is gone is taken over, and the temporary files a killed run left (a half-written checkpoint)
+    are removed by the next run into the folder."""
+    out = tmp_path / "cam"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from semples import runtime\nwith runtime.hold_folder(sys.argv[2]):\n"
+                               "    print('held', flush=True); time.sleep(120)", runtime.REPO, str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cmd = [sys.executable, os.path.join(runtime.REPO, "train_cam.py"), *CPU, "--data", w["root"], "--out", str(out),
+               "--epochs", 1, "--size", 32, "--batch_size", 16]
+        p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 1 and f"--out {out} is in use by another run (pid {holder.pid})" in p.stderr, p.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / runtime.LOCK).exists()  # killed: its lock stays, naming a process that is gone
+    (out / ".checkpoint.pt.x1y2.tmp").write_bytes(b"\0" * 1000)  # what a kill -9 in a checkpoint write leaves
+    (out / "sub").mkdir()
+    (out / "sub" / ".masks.png.ab.tmp").write_bytes(b"\0")
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert sorted(os.listdir(out)) == ["args.json", "checkpoint.pt", "log.txt", "sub"] and not os.listdir(out / "sub")
+
+
+TOOL_CASES = [  # (kind, tool, argv, fragments): every tool's flags are checked when parsed, as the stages' are
+    ("make_toy: probability above 1", "make_toy", ["--cooccur", "1.5"], ["--cooccur", "[0, 1]"]),
+    ("make_toy: no images", "make_toy", ["--n_train", "0"], ["--n_train", "positive"]),
+    ("make_toy: negative seed", "make_toy", ["--seed", "-1"], ["--seed", ">= 0"]),
+    ("ablate: negative seed", "ablate", ["--seeds", "0", "-3"], ["--seeds", ">= 0"]),
+    ("ablate: unknown device", "ablate", ["--device", "gpu"], ["--device", "'gpu'"]),
+    ("seeds: no world", "seeds", ["--worlds", "-1"], ["--worlds", ">= 0"]),
+    ("bench: zero steps", "bench", ["--steps", "0"], ["--steps", "positive"]),
+]
+
+
+@pytest.mark.parametrize("kind,tool,argv,fragments", TOOL_CASES, ids=[c[0] for c in TOOL_CASES])
+def test_bad_tool_flag_is_a_clear_error(kind, tool, argv, fragments):
+    p = subprocess.run([sys.executable, os.path.join(runtime.REPO, "tools", f"{tool}.py"), *argv], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    for f in fragments:
+        assert f in p.stderr, f"{kind}: {f!r} not in {p.stderr!r}"
+
+
+def test_make_toy_never_writes_into_a_dataset(w, tmp_path):
+    """make_toy --out pointed at a folder that is not a toy world (a user's VOC-layout dataset) is refused before
+    anything is written into it."""
+    voc = tmp_path / "VOC2012"
+    shutil.copytree(os.path.join(w["root"], "JPEGImages"), voc / "JPEGImages")
+    before = snapshot(str(voc))
+    p = subprocess.run([sys.executable, os.path.join(runtime.REPO, "tools", "make_toy.py"), "--out", str(voc)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and f"--out {voc} holds files but no toy_meta.json" in p.stderr, p.stderr
+    assert snapshot(str(voc)) == before
+
+
+@pytest.mark.parametrize("lines,fragment", [
+    (["boat", "camel", "Boat"], "names the class 'Boat' twice (classes 1 and 3)"), (["_background_"], "names no class")])
+def test_class_names_file_is_checked(tmp_path, lines, fragment):
+    (tmp_path / "class_names.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"class_names.txt") as e:
+        datasets.read_class_names(str(tmp_path))
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_images_are_read_as_a_viewer_shows_them(tmp_path):
+    """A photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view) is read upright, so it
+    lines up with the mask drawn on the upright view; a grey or palette image comes out RGB."""
+    from PIL import Image
+    upright = np.zeros((40, 30, 3), np.uint8)  # H 40, W 30, a red square at the top-left
+    upright[:10, :10] = (255, 0, 0)
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # 30 x 40, as the camera wrote it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    got = datasets.read_image(str(tmp_path / "photo.jpg"))
+    assert got.shape == (40, 30, 3)
+    assert got[:8, :8, 0].min() > 200 and got[:8, :8, 1].max() < 60  # the red corner is back at the top-left
+    Image.fromarray(upright[..., 0]).save(tmp_path / "grey.png")
+    assert datasets.read_image(str(tmp_path / "grey.png")).shape == (40, 30, 3)
+
+
+def test_errors_from_worker_processes_and_diverged_training_are_one_line(w, tmp_path):
+    """A truncated JPEG read in a DataLoader worker (--workers 1) ends as the same one line as with --workers 0, not
+    the worker's wrapped traceback; a loss that diverges (--lr 1e9) is one line advising a lower --lr."""
+    root = tmp_path / "world"
+    shutil.copytree(w["root"], root, ignore=shutil.ignore_patterns("tiny_clip.pt"))
+    first = datasets.read_ids(str(root), "train")[0]
+    jpg = root / "JPEGImages" / f"{first}.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:200])
+    base = [sys.executable, os.path.join(runtime.REPO, "train_cam.py"), "--dataset", "toy", "--device", "cpu",
+            "--data", str(root), "--split", "train", "--epochs", "1", "--size", "32", "--batch_size", "8"]
+    lines = {}
+    for workers in ("0", "1"):
+        p = subprocess.run(base + ["--workers", workers, "--out", str(tmp_path / f"w{workers}")], capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 1, p.stderr
+        lines[workers] = p.stderr.strip().splitlines()
+    assert lines["1"] == lines["0"] and len(lines["0"]) == 1, lines
+    assert f"cannot read image {jpg}" in lines["0"][0]
+    p = subprocess.run(base[:6] + ["--data", w["root"], "--split", "train", "--epochs", "3", "--size", "32",
+                                   "--batch_size", "8", "--workers", "0", "--lr", "1e9", "--out", str(tmp_path / "lr")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "train_cam.py: error: loss is" in p.stderr and "lower --lr" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("change", ["relabelled mask", "replaced image", "shorter list"])
+def test_resume_refuses_other_data(w, tmp_path, capsys, change):
+    """A run rerun into its --out after its data changed (same flags, same names) starts afresh only when told to:
+    resuming would continue training on other data."""
+    root = tmp_path / "world"
+    shutil.copytree(w["root"], root, ignore=shutil.ignore_patterns("tiny_clip.pt"))
+    run = CPU + ["--data", root, "--split", "train", "--out", tmp_path / "cam", "--epochs", 1, "--size", 32,
+                 "--batch_size", 8]
+    stage("train_cam", run)
+    ids = datasets.read_ids(str(root), "train")
+    if change == "relabelled mask":
+        mask = datasets.read_mask(str(root / "SegmentationClass" / f"{ids[0]}.png"))
+        datasets.save_mask(str(root / "SegmentationClass" / f"{ids[0]}.png"), np.where(mask == 0, 0, 1))
+    elif change == "replaced image":
+        os.utime(root / "JPEGImages" / f"{ids[0]}.jpg", ns=(1, 1))
+    else:
+        (root / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids[1:]) + "\n")
+    msg = error_of("train_cam", run, capsys)
+    assert "trained on other data" in msg and "--no-resume" in msg, msg
+    stage("train_cam", run + ["--no-resume"])

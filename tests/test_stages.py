@@ -44,7 +44,7 @@ def stages(toy_world, tmp_path_factory):
     init = ["--init", str(out / "cam" / "checkpoint.pt"), "--batch_size", "16"]
     a = run("train_match.py", *FAST, *data, *init, "--out", str(out / "match"), "--epochs", "4")
     b = run("train_prompt.py", *FAST, *data, "--match", str(out / "match" / "checkpoint.pt"),
-            "--out", str(out / "prompt"), "--epochs", "8", "--prompt_length", "8")
+            "--out", str(out / "prompt"), "--epochs", "8", "--prompt_length", "8", "--batch_size", "32")
     c = run("train_refine.py", *FAST, *data, "--init", str(out / "match" / "checkpoint.pt"), "--batch_size", "16",
             "--prompts", str(out / "prompt" / "prompts.pt"), "--out", str(out / "refine"), "--epochs", "2")
     return {"out": out, "logs": (cam.stdout, a.stdout, b.stdout, c.stdout), "data": data, "init": init}
@@ -271,7 +271,8 @@ def test_images_without_a_class_are_left_out(stages, toy_world, tmp_path):
         "--batch_size", "16", "--size", "64")
     assert note in (tmp_path / "cam" / "log.txt").read_text()
     run("train_prompt.py", *FAST, "--data", str(root), "--clip", toy_world["clip"], "--match",
-        str(stages["out"] / "match" / "checkpoint.pt"), "--out", str(tmp_path / "prompt"), "--epochs", "1")
+        str(stages["out"] / "match" / "checkpoint.pt"), "--out", str(tmp_path / "prompt"), "--epochs", "1",
+        "--batch_size", "16")
     assert note in (tmp_path / "prompt" / "log.txt").read_text()
     data = datasets.ClsDataset(str(root), "train_aug", len(datasets.read_class_names(str(root))), 64)
     assert data.ids == ids[3:] and data.labels.any(1).all() and data.left_out == 3

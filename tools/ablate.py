@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: the repo's semples/ and clip/
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's semples/, clip/
 from semples import presets, runtime
 
 # Table 5's grid: the paper's lambdas 0.01, 0.02, 0.05, 0.1 as multiples of its VOC lambda 0.05, so that the
@@ -61,8 +61,8 @@ def build_parser():
     p.add_argument("--data", type=str, default=None, help="dataset root (preset sets it)")
     p.add_argument("--clip", type=str, default=None, help="CLIP name or file (preset sets it)")
     p.add_argument("--out", type=str, default=None, help="output folder")
-    p.add_argument("--device", type=str, default="cpu", help="device of every stage")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pipeline seeds")
+    p.add_argument("--device", type=runtime.device_name, default="cpu", help="device of every stage")
+    p.add_argument("--seeds", type=runtime.nonnegative_int, nargs="+", default=[0, 1, 2], help="pipeline seeds")
     p.add_argument("--lambda_refine", type=runtime.nonnegative_float, default=None,
                    help="stage (c)'s preset lambda (the 'all' row); default: train_refine.py's for the dataset")
     p.add_argument("--match_args", type=str, default="", help="extra flags for train_match and train_refine")

@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: the repo's semples/ and clip/
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's semples/, clip/
 from semples import datasets, presets, runtime
 
 ROWS = {"cam": "CAM network", "a": "stage (a) only: L_match", "c": "SemPLeS (a)+(b)+(c)"}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from torchvision.ops import roi_align
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: the repo's semples/ and clip/
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's semples/, clip/
 import clip
 from semples import datasets, runtime
 from semples.method import FILLS, clip_normalise, fill_colour
@@ -762,6 +762,9 @@ def world_args(args):
 
 def main(args):
     t0 = time.time()
+    if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.exists(os.path.join(args.out, "toy_meta.json")):
+        raise ValueError(f"--out {args.out} holds files but no toy_meta.json: it is not a toy world, and make_toy would "
+                         "write its images, split lists and class_names.txt into it; pass a new or empty folder")
     args = world_args(args)
     world = {k: getattr(args, k) for k in WORLD_FLAGS}
     if args.part == "clip":  # the dataset must be there, made by an earlier --part dataset (run.sh's order)
@@ -794,26 +797,27 @@ def get_parser():
                    help="output folder (VOC layout); the default is the repository's data/toy, where "
                         "--dataset toy looks")
     # The dataset's flags default to None: the values of the world already in --out, else WORLD_FLAGS's.
-    for name, kind, what in [("size", int, "image side in pixels"), ("n_train", int, "train_aug images"),
-                             ("n_val", int, "val images"),
-                             ("n_train_subset", int, "train.txt = the first N of train_aug (like VOC train, where "
+    count, unit = runtime.positive_int, runtime.unit_float
+    for name, kind, what in [("size", count, "image side in pixels"), ("n_train", count, "train_aug images"),
+                             ("n_val", count, "val images"),
+                             ("n_train_subset", count, "train.txt = the first N of train_aug (like VOC train, where "
                                                      "seeds are scored)"),
-                             ("cooccur", float, "probability an object sits on its home background"),
-                             ("multi", float, "share of images holding two classes"),
-                             ("seed", int, "seed of the dataset and of CLIP pretraining")]:
+                             ("cooccur", unit, "probability an object sits on its home background"),
+                             ("multi", unit, "share of images holding two classes"),
+                             ("seed", runtime.nonnegative_int, "seed of the dataset and of CLIP pretraining")]:
         p.add_argument(f"--{name}", type=kind, default=None,
                        help=f"{what}; default: the world in --out has it, else {WORLD_FLAGS[name]}")
-    p.add_argument("--clip_steps", type=int, default=900, help="CLIP pretraining steps (900: ~94%% zero-shot)")
-    p.add_argument("--clip_batch", type=int, default=128, help="CLIP pretraining batch size")
-    p.add_argument("--clip_lr", type=float, default=1e-3, help="CLIP peak learning rate (AdamW, cosine)")
-    p.add_argument("--bg_caption_frac", type=float, default=0.0,
+    p.add_argument("--clip_steps", type=count, default=900, help="CLIP pretraining steps (900: ~94%% zero-shot)")
+    p.add_argument("--clip_batch", type=count, default=128, help="CLIP pretraining batch size")
+    p.add_argument("--clip_lr", type=runtime.positive_float, default=1e-3, help="CLIP peak learning rate (AdamW, cosine)")
+    p.add_argument("--bg_caption_frac", type=unit, default=0.0,
                    help="share of CLIP samples that are a class's home background alone, captioned with the class "
                         "(an explicit extra bias; 0: the bias comes from co-occurrence alone)")
-    p.add_argument("--plain_frac", type=float, default=0.2,
+    p.add_argument("--plain_frac", type=unit, default=0.2,
                    help="share of CLIP samples that are objects on a plain backdrop, captioned with their classes")
-    p.add_argument("--scene_frac", type=float, default=0.25,
+    p.add_argument("--scene_frac", type=unit, default=0.25,
                    help="share of CLIP samples that are scenery alone, captioned with the scenery's name")
-    p.add_argument("--scene_hole_frac", type=float, default=0.5,
+    p.add_argument("--scene_hole_frac", type=unit, default=0.5,
                    help="share of those scenery samples shown with a flat hole where an object was cut out")
     p.add_argument("--cone", type=runtime.unit_below_one, default=0.0,
                    help="experiment, off (0) by default: real CLIP's feature geometry, each feature this share (rho) "
@@ -821,7 +825,7 @@ def get_parser():
                         "0.1-0.35, as ViT-B/32; docs/method.md, 'The toy presets')")
     p.add_argument("--gap_cos", type=runtime.unit_float, default=0.2,
                    help="with --cone: cosine of the image and the text shared directions (kappa)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=runtime.nonnegative_int, default=1,
                    help="torch CPU threads (0: torch's default); on a busy 2-core box 2 threads ran 6x slower than 1")
     p.add_argument("--force", action="store_true", help="regenerate the dataset and retrain CLIP even if valid")
     p.add_argument("--part", type=str, default="all", choices=("all", "dataset", "clip"),
@@ -831,4 +835,4 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    runtime.run_cli(main, get_parser())

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: the repo's semples/ and clip/
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's semples/, clip/
 from semples import datasets, presets, runtime
 from semples.cams import load_cams, pseudo_mask
 from semples.method import (WORDS, class_text_features, clip_normalise, load_frozen_clip, load_prompt_features,

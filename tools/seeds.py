@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: the repo's semples/ and clip/
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's semples/, clip/
 from semples import runtime
 
 ROWS = [("cam", "CAM network", "eval_cam"), ("a", "stage (a): L_match", "eval_match"),
