@@ -9,10 +9,15 @@ segmenter on `val`.
 
 Class maps (PNG, palette or grey, values = class indices), e.g. pseudo masks:
     python eval_miou.py --dataset toy --pred out/toy/pseudo/masks
-CAM seeds (the npz files of make_pseudo.py): sweeps the constant background threshold and reports the
-best one, which is how seed mIoU is reported in WSSS papers. It is an evaluation on ground truth: it
-selects nothing for the pipeline (make_pseudo.py's --bg_threshold is fixed a priori):
+CAM seeds (the {id}.npz files of make_pseudo.py, or {id}.npy files in the format of the authors' release and
+WeakTr: np.save of {0-based class index: H x W map}, see make_pseudo.py): sweeps the constant background
+threshold and reports the best one, which is how seed mIoU is reported in WSSS papers. It is an evaluation on
+ground truth: it selects nothing for the pipeline (make_pseudo.py's --bg_threshold is fixed a priori):
     python eval_miou.py --dataset voc --cams out/voc/pseudo/cams --t_start 0.30 --t_end 0.60
+    python eval_miou.py --dataset voc --cams release/cams       # the release's / WeakTr's .npy CAMs
+A .npy CAM file is a pickle, and loading one can run code that is in it: score only .npy files you trust.
+On a dataset of your own, the sweep over a small labelled subset (a list of its ids with their masks) picks
+a background threshold for the whole set: make_pseudo.py --bg_threshold T (run.sh: PSEUDO_ARGS).
 
 Prints a per-class IoU table and ends with `mIoU: 63.21` (percent); with --cams also one line per
 threshold and `best threshold: 0.xx` before it. --json PATH writes every figure, confusion included.
@@ -27,6 +32,7 @@ import sys
 import numpy as np
 
 from semples import datasets, presets, runtime
+from semples.cams import cam_format
 from semples.metrics import class_table, default_gt_dir, evaluate, miou_from_confusion, pixel_accuracy
 
 PRESETS = presets.of("eval_miou")
@@ -40,9 +46,13 @@ def build_parser():
                    help="image list scored (train for seeds and pseudo masks, val for the segmenter)")
     p.add_argument("--pred", type=str, default=None, help="folder of predicted class maps {id}.png")
     p.add_argument("--cams", type=str, default=None,
-                   help="folder of make_pseudo.py CAM files {id}.npz: sweep the background threshold and report "
-                        "the best (the standard way seed mIoU is reported; an evaluation on ground truth, it "
-                        "selects nothing for the pipeline)")
+                   help="folder of CAM files, make_pseudo.py's {id}.npz or the release's / WeakTr's {id}.npy (only "
+                        "load .npy files you trust): sweep the background threshold and report the best (the "
+                        "standard way seed mIoU is reported; an evaluation on ground truth, it selects nothing for "
+                        "the pipeline)")
+    p.add_argument("--cam_format", type=str, default=None, choices=("npz", "npy"),
+                   help="which CAM files of --cams to read where it holds both (default: whichever it holds for "
+                        "every image)")
     p.add_argument("--t_start", type=runtime.unit_float, default=0.05, help="first background threshold of the sweep")
     p.add_argument("--t_end", type=runtime.unit_float, default=0.95, help="last background threshold (included)")
     p.add_argument("--t_step", type=runtime.positive_float, default=0.01, help="threshold step")
@@ -62,9 +72,10 @@ def main(args):
     C = len(names)
     ids = datasets.read_ids(args.data, args.split)
     gt_dir = default_gt_dir(args.data, ids)  # DATA/SegmentationClass if it holds the split, else ...Aug
-    folder, ext = (args.pred, "png") if args.pred else (args.cams, "npz")
+    folder = args.pred or args.cams
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{'--pred' if args.pred else '--cams'} folder {folder} not found")
+    ext = "png" if args.pred else cam_format(folder, ids, args.cam_format, "--cams", f" (split '{args.split}')")
     missing = [i for i in ids if not os.path.exists(os.path.join(folder, f"{i}.{ext}"))]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(ids)} predictions of split '{args.split}' are missing "

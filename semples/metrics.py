@@ -111,7 +111,7 @@ def _chunk_task(job):
         if kind == "pred":
             total = total + confusion_matrix(gt, datasets.read_mask(pred_path), num_classes, where)
         else:
-            cams, classes = load_cams(pred_path)
+            cams, classes = load_cams(pred_path, gt.shape)
             total = total + sweep_confusion(gt, cams, classes, thresholds, num_classes, where)
     return total
 

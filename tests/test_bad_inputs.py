@@ -261,6 +261,24 @@ def test_cam_reuse_is_keyed_per_file(w, tmp_path, capsys):
     assert "other scales" in msg, msg
 
 
+def test_cam_reuse_is_keyed_on_the_image(w, tmp_path, capsys):
+    """A CAM file is not reused for an image file replaced since, nor for another --data's image of that name."""
+    root = tmp_path / "world"
+    shutil.copytree(w["root"], root, ignore=shutil.ignore_patterns("tiny_clip.pt"))
+    base = CPU + ["--data", root, "--split", "train", "--out", tmp_path / "p", "--cams_only", "--checkpoint", w["S"]]
+    stage("make_pseudo", base)
+    stage("make_pseudo", base)  # unchanged: reused
+    first = datasets.read_ids(str(root), "train")[0]
+    os.utime(root / "JPEGImages" / f"{first}.jpg", ns=(1, 1))  # as a copy of another photo under the same name
+    msg = error_of("make_pseudo", base, capsys)
+    assert "other image" in msg and f"{first}.npz" in msg, msg
+    other = tmp_path / "other"  # another data set whose files bear the same names (written at another time)
+    shutil.copytree(w["root"], other, copy_function=shutil.copy, ignore=shutil.ignore_patterns("tiny_clip.pt"))
+    msg = error_of("make_pseudo", CPU + ["--data", other, "--split", "train", "--out", tmp_path / "p",
+                                         "--cams_only", "--checkpoint", w["S"]], capsys)
+    assert "other image" in msg, msg
+
+
 def test_train_seg_resume_refuses_changed_flags(w, tmp_path, capsys):
     run = CPU + ["--data", w["root"], "--masks", w["gt"], "--out", tmp_path / "s", "--iters", 4, "--crop", 32,
                  "--batch_size", 4, "--eval_split", "train"]

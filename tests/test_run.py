@@ -34,11 +34,22 @@ def test_run_sh_prints_the_table(tmp_path):
     number = r"\d{1,3}\.\d\d"
     for row in ("CAM network", "stage (a) only: L_match", "SemPLeS (a)+(b)+(c)"):
         assert re.search(rf"^{re.escape(row)}\s+{number} t=0\.\d+\s+{number}$", proc.stdout, re.M), proc.stdout
-    assert re.search(rf"^segmenter on pseudo masks, val\s+{number}$", proc.stdout, re.M), proc.stdout
+    # the segmenter's rows state the protocol: the toy preset's one scale with its flip, without and with the CRF
+    seg_row = re.search(rf"^segmenter on pseudo masks, val \(flip\)\s+({number})$", proc.stdout, re.M)
+    crf_row = re.search(rf"^segmenter on pseudo masks, val \(flip\) \+ CRF\s+({number})$", proc.stdout, re.M)
+    assert seg_row and crf_row, proc.stdout
+    assert len(seg_row.group(0)) == len(crf_row.group(0)) == len(re.search(r"^CAM network .*$", proc.stdout,
+                                                                            re.M).group(0))  # one right edge
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     for key in ("cam", "a", "c"):
         assert f"{results[key]['seed_miou']:10.2f}" in proc.stdout and 0 <= results[key]["pseudo_miou"] <= 100
-    assert f"{results['segmenter_val_miou']:.2f}" in proc.stdout
+    assert f"{results['segmenter_val_miou']:.2f}" == seg_row.group(1)
+    assert f"{results['segmenter_val_miou_crf']:.2f}" == crf_row.group(1) and results["segmenter_test_scales"] == [1.0]
+    assert f"--checkpoint {tmp_path / 'out'}/seg/checkpoint.pt --crf" in (tmp_path / "out" / ".done" / "seg_crf").read_text()
+    # before the first step: the CAM files' disk (3 x 16 train + 48 train_aug toy images at 17 KB) against the free
+    assert re.search(r"^== disk: the CAM files will take ~\d+ [KMG]B \(3 x 16 train \+ 48 train_aug images x ~17 KB\); "
+                     r"[\d.]+ [KMG]B free on the disk of ", proc.stdout, re.M), proc.stdout
+    assert proc.stdout.index("== disk:") < proc.stdout.index("== cam:")
     page = tmp_path / "out" / "report.html"  # the last step, its path the last line
     assert proc.stdout.splitlines()[-1] == f"report: {tmp_path / 'out'}/report.html" and page.exists()
     assert f"<td>{results['c']['seed_miou']:.2f}</td>" in page.read_text()
@@ -48,7 +59,19 @@ def test_run_sh_prints_the_table(tmp_path):
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "== match: done, skipped" in again.stdout
     assert "== report: done, skipped" in again.stdout and again.stdout.endswith(proc.stdout.splitlines()[-1] + "\n")
+    assert "== seg_crf: done, skipped" in again.stdout and "== seg_crf_eval: done, skipped" in again.stdout
     assert table(again.stdout) == table(proc.stdout)
+    # another pseudo-mask threshold (--dry-run: printed, nothing run): the evaluations and the steps from the pseudo
+    # masks on are redone, the training steps before them are not (no evaluation is any training step's input)
+    dry = subprocess.run(cmd + ["--dry-run"], cwd=REPO, env={**env, "PSEUDO_ARGS": "--workers 0 --bg_threshold 0.5"},
+                         capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    for name in ("eval_cam", "eval_match", "eval_refine", "pseudo", "seg", "seg_eval", "seg_crf", "report"):
+        assert f"== {name} (dry run, not run): " in dry.stdout, (name, dry.stdout)
+    for name in ("cam", "match", "prompt", "refine"):
+        assert f"== {name}: done, skipped" in dry.stdout, (name, dry.stdout)
+    assert "\nSemPLeS on " not in dry.stdout
+    assert "--bg_threshold 0.5" not in (tmp_path / "out" / ".done" / "pseudo").read_text()  # nothing was run
     # another prompt flag: stage (b) and everything after it are redone, the steps before it are not
     changed = subprocess.run(cmd, cwd=REPO, env={**env, "PROMPT_ARGS": SMALL["PROMPT_ARGS"] + " --lambda_T 0.05"},
                              capture_output=True, text=True, timeout=600)
@@ -87,7 +110,7 @@ def test_run_sh_never_writes_into_a_users_dataset(tmp_path):
 
     def run_sh(*extra):
         return subprocess.run(["bash", os.path.join(REPO, "run.sh"), "--toy", str(user), "--out", str(tmp_path / "o"),
-                               *extra], capture_output=True, text=True)
+                               *extra], env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True)
 
     proc = run_sh()
     assert proc.returncode == 2 and "neither a make_toy world" in proc.stderr
@@ -99,8 +122,12 @@ def test_run_sh_never_writes_into_a_users_dataset(tmp_path):
     proc = run_sh("--device", "nope")
     assert proc.returncode == 2, proc.stderr
     assert "has no val.txt (the list the segmenter is scored on): add it, or pass --no-seg" in proc.stderr, proc.stderr
-    proc = run_sh("--device", "nope", "--no-seg")  # past the list check: the first stage's --device check stops it
-    assert "has no val.txt" not in proc.stderr and "--device" in proc.stderr, proc.stderr
+    proc = run_sh("--device", "nope", "--no-seg")  # past the list check: the folder has no tiny_clip.pt
+    assert "has no val.txt" not in proc.stderr and proc.returncode == 2, proc.stderr
+    assert f"--clip file {user}/tiny_clip.pt not found" in proc.stderr and "pass --clip FILE" in proc.stderr
+    (tmp_path / "clip.pt").write_bytes(b"")
+    proc = run_sh("--device", "nope", "--no-seg", "--clip", str(tmp_path / "clip.pt"))  # past the checks: the first
+    assert "--device" in proc.stderr, proc.stderr  # stage's --device check stops it
     (user / "ImageSets" / "Segmentation" / "train.txt").unlink()
     proc = run_sh("--no-seg")
     assert proc.returncode == 2 and "has no train.txt (the list the seeds and pseudo masks are scored on)" in proc.stderr
@@ -164,6 +191,90 @@ def test_run_sh_on_a_foreign_world(toy_world, tmp_path):
         assert Image.open(tmp_path / "out" / "eval_refine" / "masks" / f"{i}.png").size == odd_size(n)
 
 
+def test_run_sh_checks_before_any_step(tmp_path):
+    """A missing --init, --seg_init or --clip file and a dense CRF that does not import are refused in one line
+    naming what is missing, before any step (not even the toy world's generation) runs."""
+    def run_sh(*argv, env=None):
+        return subprocess.run(["bash", os.path.join(REPO, "run.sh"), "--out", str(tmp_path / "o"), *map(str, argv)],
+                              cwd=REPO, env={**os.environ, "PYTHON": sys.executable, **(env or {})},
+                              capture_output=True, text=True, timeout=120)
+
+    def refused(proc, *words):
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stdout + proc.stderr
+        assert all(w in proc.stderr for w in words), proc.stderr
+        assert not (tmp_path / "o").exists() and not (tmp_path / "toy").exists()  # nothing ran, nothing made
+        assert "== " not in proc.stdout
+
+    toy = tmp_path / "toy"
+    refused(run_sh("--toy", toy, "--init", tmp_path / "r50.pth"), f"--init file {tmp_path}/r50.pth not found")
+    refused(run_sh("--toy", toy, "--seg_init", tmp_path / "r101.pth"), f"--seg_init file {tmp_path}/r101.pth not found")
+    refused(run_sh("--toy", toy, "--clip", tmp_path / "ViT-B-32.pt"), f"--clip file {tmp_path}/ViT-B-32.pt not found")
+    voc = tmp_path / "VOC2012"
+    voc.mkdir()
+    refused(run_sh("--voc", voc, "--clip", "ViT-B/32"), "--seg_init FILE", "--no-seg")  # the segmenter needs ImageNet
+    fake = tmp_path / "fake" / "pydensecrf"  # a pydensecrf that does not import, ahead of the real one
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('libdensecrf.so: cannot open shared object file')\n")
+    refused(run_sh("--toy", toy, env={"PYTHONPATH": str(tmp_path / "fake")}),
+            "the dense CRF does not import", "libdensecrf.so", "pip install pydensecrf2")
+    # a model name is not a file: --voc with ViT-B/32 passes the checks (--dry-run: runs nothing)
+    proc = run_sh("--voc", voc, "--clip", "ViT-B/32", "--no-seg", "--dry-run", "--device", "cpu")
+    assert proc.returncode == 0 and "== cam (dry run, not run): " in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_run_sh_data_runs_a_users_folder_with_the_voc_recipe(tmp_path):
+    """--data DIR: refused without --clip FILE; the stages get --dataset voc --data DIR (the VOC presets, the
+    folder's class names); the lists as for --toy DIR. Printed with --dry-run, nothing trained."""
+    import numpy as np
+    from PIL import Image
+
+    import make_pseudo
+    import train_cam
+    import train_seg
+    from semples import datasets, runtime
+
+    data = tmp_path / "mine"
+    (data / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (data / "JPEGImages").mkdir()
+    (data / "class_names.txt").write_text("background\nkiln\nbarrow\n")
+    (data / "ImageSets" / "Segmentation" / "train.txt").write_text("a\nb\n")
+    (data / "ImageSets" / "Segmentation" / "val.txt").write_text("b\n")
+    for i in "ab":
+        Image.fromarray(np.zeros((375, 500, 3), np.uint8)).save(data / "JPEGImages" / f"{i}.jpg")
+    clip, r50, r101 = (tmp_path / n for n in ("clip.pt", "r50.pth", "r101.pth"))
+    for f in (clip, r50, r101):
+        f.write_bytes(b"")
+
+    def run_sh(*argv):
+        return subprocess.run(["bash", os.path.join(REPO, "run.sh"), "--data", str(data), "--out", str(tmp_path / "o"),
+                               *map(str, argv)], cwd=REPO, env={**os.environ, "PYTHON": sys.executable},
+                              capture_output=True, text=True, timeout=120)
+
+    for argv, why in (((), "needs --clip FILE"), (("--clip", "ViT-B/32"), "ViT-B/32 is not a file")):
+        proc = run_sh(*argv)
+        assert proc.returncode == 2 and why in proc.stderr and "--data" in proc.stderr, proc.stderr
+        assert not (tmp_path / "o").exists()
+    proc = run_sh("--clip", clip, "--init", r50, "--seg_init", r101, "--device", "cpu", "--dry-run")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "has no train_aug.txt: training on train.txt" in proc.stdout
+    assert "== disk: the CAM files will take ~3 MB (3 x 2 train + 2 train images x ~358 KB); " in proc.stdout
+    stages = {"cam": "train_cam.py", "match": "train_match.py", "prompt": "train_prompt.py", "refine": "train_refine.py",
+              "pseudo": "make_pseudo.py", "seg": "train_seg.py", "seg_crf": "train_seg.py"}
+    for step, script in stages.items():
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(f"== {step} (dry run, not run): "))
+        assert f"{script} --dataset voc --data {data} " in line, line
+        if step in ("match", "prompt", "refine"):
+            assert f"--clip {clip} " in line, line
+    # what --dataset voc --data DIR gives the stages: the VOC recipe, the folder's own classes
+    cam = runtime.parse_args(train_cam.build_parser(), train_cam.PRESETS, ["--dataset", "voc", "--data", str(data)])
+    assert (cam.backbone, cam.size) == ("resnet50", 448)
+    pseudo = runtime.parse_args(make_pseudo.build_parser(), make_pseudo.PRESETS, ["--dataset", "voc", "--data", str(data)])
+    assert pseudo.bg_threshold == 0.15
+    seg = runtime.parse_args(train_seg.build_parser(), train_seg.PRESETS, ["--dataset", "voc", "--data", str(data)])
+    assert seg.backbone == "resnet101" and len(seg.test_scales) > 1
+    assert datasets.read_class_names(str(data), "voc") == ["kiln", "barrow"]
+
+
 def test_run_sh_refuses_unknown_flags_and_missing_data(tmp_path):
     bad = subprocess.run(["bash", os.path.join(REPO, "run.sh"), "--nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown argument '--nope'" in bad.stderr
@@ -222,7 +333,9 @@ def test_run_sh_with_three_processes(tmp_path):
                           timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "torch.distributed.run --standalone --nproc_per_node 3 train_seg.py" in proc.stdout
-    assert re.search(r"^segmenter on pseudo masks, val\s+\d{1,3}\.\d\d$", proc.stdout, re.M), proc.stdout
+    assert "== seg_crf: " + sys.executable + " -m torch.distributed.run --standalone --nproc_per_node 3" in proc.stdout
+    for crf in ("", r" \+ CRF"):
+        assert re.search(rf"^segmenter on pseudo masks, val \(flip\){crf}\s+\d{{1,3}}\.\d\d$", proc.stdout, re.M), proc.stdout
 
 
 def test_compare_clusters_arms_make_the_table_from_each_run(tmp_path, monkeypatch, capsys):
@@ -241,3 +354,51 @@ def test_compare_clusters_arms_make_the_table_from_each_run(tmp_path, monkeypatc
     assert re.search(r"^stage \(a\) only: L_match\s+51\.50 \+- 0\.50\s+62\.00 \+- 1\.00$", out, re.M), out
     cells = json.loads((tmp_path / "clusters.json").read_text())["cells"]
     assert list(cells) == ["without"] and cells["without"]["c"]["seed_miou"]["per_seed"] == [52.0, 53.0]
+
+
+def test_run_sh_reads_paths_as_the_caller_typed_them(tmp_path):
+    """Called from another folder, relative paths are that folder's (a --toy folder of the user's is never swapped
+    for a generated world in the repository); a PYTHON that is not an executable is refused, not replaced."""
+    import numpy as np
+    from PIL import Image
+
+    mine = tmp_path / "mydata"
+    (mine / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (mine / "JPEGImages").mkdir()
+    (mine / "class_names.txt").write_text("kiln\n")
+    for split in ("train", "val"):
+        (mine / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("a\n")
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(mine / "JPEGImages" / "a.jpg")
+    (mine / "c.pt").write_bytes(b"")
+
+    def run_sh(*argv, python=sys.executable):
+        return subprocess.run(["bash", os.path.join(REPO, "run.sh"), *argv], cwd=tmp_path,
+                              env={**os.environ, "PYTHON": python}, capture_output=True, text=True, timeout=120)
+
+    proc = run_sh("--toy", "mydata", "--clip", "mydata/c.pt", "--out", "o", "--device", "cpu", "--dry-run")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cam = next(ln for ln in proc.stdout.splitlines() if ln.startswith("== cam (dry run, not run): "))
+    assert f"--data {mine} " in cam and f"--out {tmp_path / 'o' / 'cam'} " in cam, cam
+    match = next(ln for ln in proc.stdout.splitlines() if ln.startswith("== match (dry run, not run): "))
+    assert f"--clip {mine / 'c.pt'} " in match, match
+    assert "== toy:" not in proc.stdout and not os.path.exists(os.path.join(REPO, "mydata"))
+    proc = run_sh("--toy", "mydata", "--clip", "mydata/c.pt", "--dry-run", python="/no/such/python")
+    assert proc.returncode == 2 and "PYTHON=/no/such/python is not an executable" in proc.stderr, proc.stderr
+    bare = tmp_path / "python3"  # a python without the requirements (here: one that fails every import)
+    bare.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\" >&2\nexit 1\n")
+    bare.chmod(0o755)
+    proc = run_sh("--toy", "mydata", "--clip", "mydata/c.pt", "--dry-run", python=str(bare))
+    assert proc.returncode == 2 and "cannot import the requirements" in proc.stderr, proc.stderr
+
+
+def test_run_sh_under_torchrun_ends_with_the_stages_error(toy_world, tmp_path):
+    """With --gpus N a stage's one-line error is printed last, not buried above torchrun's failure report."""
+    world = tmp_path / "world"
+    shutil.copytree(toy_world["root"], world)
+    proc = subprocess.run(["bash", os.path.join(REPO, "run.sh"), "--toy", str(world), "--out", str(tmp_path / "o"),
+                           "--gpus", "2", "--device", "cpu", "--no-seg"], cwd=REPO,
+                          env={**os.environ, "PYTHON": sys.executable, "CAM_ARGS": "--epochs 0"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == "train_cam.py: error: argument --epochs: 0 must be a positive integer", \
+        proc.stderr[-3000:]
