@@ -63,7 +63,6 @@ pixel and class): ~1.1 MB per VOC image (~12 GB for train_aug), ~3.6 MB per COCO
 """
 import argparse
 import concurrent.futures
-import errno
 import hashlib
 import json
 import multiprocessing as mp
@@ -378,28 +377,17 @@ def main(args):
             f"--pred {args.mask_dir}` (and `--cams {cam_dir}` for the seeds)")
 
 
-def cli():
-    """The command line: runtime.run_cli, but a --shard run holds OUT/shards/IofN, not OUT, which all the shards
-    write to at once (holding OUT would refuse the second shard and clean up the others' half-written files)."""
-    parser = build_parser()
-    args = runtime.parse_args(parser, PRESETS)
-    if not args.shard or not args.out:
-        return runtime.run_cli(main, build_parser(), PRESETS)
-    try:
-        lock = os.path.join(args.out, runtime.LOCK)
-        if os.path.exists(lock):
-            pid, host = runtime._lock_owner(lock)
-            if pid is not None and runtime._alive(pid, host):
-                raise ValueError(f"--out {args.out} is in use by an unsharded run (pid {pid}): wait for it to end, "
-                                 f"or pass another --out; if no such run exists, remove {lock}")
-        with runtime.hold_folder(shard_dir(args), "--shard"):
-            return main(args)
-    except (ValueError, OSError) as e:
-        clear = isinstance(e, (ValueError, FileNotFoundError)) or e.errno == errno.ENOSPC
-        if not clear or os.environ.get("SEMPLES_TRACEBACK"):
-            raise
-        parser.exit(1, f"{parser.prog}: error: {e}\n")
+def hold(args):
+    """What a run holds (runtime.hold_folder): OUT, or for a --shard run OUT/shards/IofN, since all the shards write
+    to OUT at once (holding OUT would refuse the second shard and clean up the others' half-written files)."""
+    if not args.shard:
+        return runtime.hold_folder(args.out)
+    pid = runtime.lock_holder(args.out)
+    if pid is not None:
+        raise ValueError(f"--out {args.out} is in use by an unsharded run (pid {pid}): wait for it to end, or pass "
+                         f"another --out; if no such run exists, remove {os.path.join(args.out, runtime.LOCK)}")
+    return runtime.hold_folder(shard_dir(args), "--shard")
 
 
 if __name__ == "__main__":
-    cli()
+    runtime.run_cli(main, build_parser(), PRESETS, hold=hold)

@@ -97,21 +97,29 @@ def parse_args(parser, presets, argv=None):
     return args
 
 
-def run_cli(main, parser, presets=None):
-    """A script's command line: parse (with the --dataset presets, if given), then main(args), holding a stage's
-    --out folder (hold_folder; rank 0 under torchrun; not a tool's without presets, e.g. make_toy's dataset). A
-    ValueError, FileNotFoundError or full disk (the clear messages our checks raise) ends as `script: error:
-    message` with exit status 1, not a traceback; SEMPLES_TRACEBACK=1 shows the traceback."""
-    args = parser.parse_args() if presets is None else parse_args(parser, presets)
-    out = getattr(args, "out", None) if presets is not None else None  # a tool without presets writes no run
+def run_cli(main, parser, presets=None, argv=None, hold=None):
+    """A script's command line: parse `argv` (with the --dataset presets, if given), then main(args) inside
+    `hold(args)`: by default, for a stage (presets given), hold_folder on its --out (rank 0 under torchrun); a
+    tool without presets holds nothing unless it says what. A ValueError, FileNotFoundError, diverged loss or full
+    disk (the clear messages our checks raise) ends as `script: error: message` with exit status 1, not a
+    traceback; SEMPLES_TRACEBACK=1 shows the traceback."""
+    args = parser.parse_args(argv) if presets is None else parse_args(parser, presets, argv)
+    if hold is None:
+        hold = hold_out if presets is not None else (lambda _: contextlib.nullcontext())
     try:
-        with hold_folder(out) if out and int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        with hold(args):
             return main(args)
     except (ValueError, OSError, FloatingPointError) as e:
         clear = isinstance(e, (ValueError, FileNotFoundError, FloatingPointError)) or e.errno == errno.ENOSPC
         if not clear or os.environ.get("SEMPLES_TRACEBACK"):
             raise
         parser.exit(1, f"{parser.prog}: error: {one_line(e)}\n")
+
+
+def hold_out(args):
+    """A stage's hold: its --out folder (hold_folder), by rank 0 alone under torchrun."""
+    out = getattr(args, "out", None)
+    return hold_folder(out) if out and int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
 
 
 def one_line(e):
@@ -301,6 +309,26 @@ def atomic_path(path):
 LOCK = ".lock"  # in a run's --out folder while a run writes there: "pid@host"
 
 
+def lock_holder(folder):
+    """The pid of the live run holding `folder` (hold_folder), or None."""
+    pid, host = _lock_owner(os.path.join(folder, LOCK))
+    return pid if pid is not None and _alive(pid, host) else None
+
+
+def need_dir(path, what, hint):
+    """`path` if it is a folder, else FileNotFoundError naming it, what it is for and what to do."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} {path} not found: {hint}")
+    return path
+
+
+def need_file(path, what, hint):
+    """`path` if it is a file, else FileNotFoundError naming it, what it is for and what to do."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} not found: {hint}")
+    return path
+
+
 def _lock_owner(path):
     try:
         with open(path) as f:
@@ -357,6 +385,20 @@ def hold_folder(folder, flag="--out"):
     finally:
         if _lock_owner(path) == (os.getpid(), os.uname().nodename):
             os.remove(path)
+
+
+def write_if_changed(path, text):
+    """Write `text` (atomically) unless the file already holds exactly it: 'written', 'replaced' or 'kept', so that
+    a rerun leaves a file, and its time, untouched."""
+    state = "written"
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return "kept"
+        state = "replaced"
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+    return state
 
 
 def save_checkpoint(obj, path):

@@ -163,10 +163,10 @@ def one_seed(args, seed, log, inputs):
     m_args, c_args, p_args = (shlex.split(a) for a in (args.match_args, args.cam_args, args.prompt_args))
     cam, stage_a = os.path.join(out, "cam", "checkpoint.pt"), os.path.join(out, "a", "checkpoint.pt")
     k_cam = train(log, "train_cam.py", os.path.join(out, "cam"), *base, *c_args, after=inputs)
-    miou = {"cam": seed_miou(log, base, "seeds_cam", cam, out, k_cam)}
+    miou = {"cam": seed_miou(log, base, "eval_cam", cam, out, k_cam)}
     k_a = train(log, "train_match.py", os.path.join(out, "a"), *base, *clip_flag, "--init", cam, *m_args,
                 after=k_cam)
-    miou["a"] = seed_miou(log, base, "seeds_a", stage_a, out, k_a)
+    miou["a"] = seed_miou(log, base, "eval_a", stage_a, out, k_a)
     k_prompt = {p: train(log, "train_prompt.py", os.path.join(out, f"prompt_{p}"), *base, *clip_flag, "--match",
                          stage_a, *p_args, *flags, after=k_a) for p, flags in PROMPTS.items()}
     for name, (p, flags) in refine_runs(args.lambda_refine).items():
@@ -174,7 +174,7 @@ def one_seed(args, seed, log, inputs):
         k = train(log, "train_refine.py", os.path.join(out, name), *base, *clip_flag, "--init", stage_a if p else cam,
                   "--lambda_refine", str(args.lambda_refine), *prompts, *m_args, *flags,
                   after=(k_a, k_prompt[p]) if p else k_cam)
-        miou[name] = seed_miou(log, base, f"seeds_{name}", os.path.join(out, name, "checkpoint.pt"), out, k)
+        miou[name] = seed_miou(log, base, f"eval_{name}", os.path.join(out, name, "checkpoint.pt"), out, k)
     return miou
 
 

@@ -53,7 +53,6 @@ Cost, measured on synthetic data of COCO's sizes: one annotation file in memory 
 disk as Python objects (train2014's, some 330 MB, about 2 GB; plus about 0.5 GB of imports), and one image's masks;
 about 10 ms an image (640x480, 7 polygons: decoding and the PNG), so some 20 minutes for all 123,287 images.
 """
-import errno
 import json
 import os
 import sys
@@ -88,22 +87,11 @@ def build_parser():
 # ----------------------------------------------------------------------------------------------
 # Reading the inputs
 # ----------------------------------------------------------------------------------------------
-def need_dir(path, what, hint):
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{what} {path} not found: {hint}")
-    return path
-
-
-def need_file(path, what, hint):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path} not found: {hint}")
-    return path
-
 
 def inputs(root):
     """{split: (image folder, annotation file)}, every one checked before anything is read or written."""
     hint = "pass --coco_root the folder holding COCO 2014's train2014/, val2014/ and annotations/"
-    need_dir(root, "--coco_root folder", hint)
+    runtime.need_dir(root, "--coco_root folder", hint)
     if not os.path.isdir(os.path.join(root, "annotations")):
         for inner in ("coco", "coco2014", "COCO", "COCO2014"):
             if os.path.isdir(os.path.join(root, inner, "annotations")):
@@ -111,9 +99,9 @@ def inputs(root):
                                         f"--coco_root {os.path.join(root, inner)}")
     found = {}
     for split, folder in SPLITS:
-        images = need_dir(os.path.join(root, folder), "--coco_root: image folder",
+        images = runtime.need_dir(os.path.join(root, folder), "--coco_root: image folder",
                           f"extract {DOWNLOAD[folder]} (cocodataset.org) into {root}")
-        ann = need_file(os.path.join(root, "annotations", f"instances_{folder}.json"), "--coco_root: annotation file",
+        ann = runtime.need_file(os.path.join(root, "annotations", f"instances_{folder}.json"), "--coco_root: annotation file",
                         f"extract {DOWNLOAD['annotations']} (cocodataset.org) into {root}; it holds "
                         f"annotations/instances_{folder}.json")
         found[split] = (images, ann)
@@ -299,19 +287,6 @@ def link(src, dst):
     return state
 
 
-def write_text(path, text):
-    """Write unless the file already holds exactly `text`: 'written', 'replaced' or 'kept'."""
-    state = "written"
-    if os.path.exists(path):
-        with open(path) as f:
-            if f.read() == text:
-                return "kept"
-        state = "replaced"
-    with runtime.atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
-    return state
-
-
 def check_record(out, record, settings, source):
     """OUT's masks must all be drawn alike: the settings an earlier run (or split) recorded must be this one's."""
     path = os.path.join(out, RECORD)
@@ -351,7 +326,7 @@ def prepare_split(split, image_dir, ann_path, out, record, args):
     settings = {"version": VERSION, "crowd": args.crowd, "categories": categories(data["categories"], ann_path)}
     if record is None:
         record = settings
-        write_text(os.path.join(out, RECORD), json.dumps(record, indent=1) + "\n")
+        runtime.write_if_changed(os.path.join(out, RECORD), json.dumps(record, indent=1) + "\n")
     check_record(out, record, settings, ann_path)
     cat_value = {c: k + 1 for k, (c, _) in enumerate(settings["categories"])}
     images, anns = index(data, ann_path, cat_value)
@@ -393,7 +368,8 @@ def prepare_split(split, image_dir, ann_path, out, record, args):
     text = "".join(f"{s}\n" for s in sorted(stems))
     list_dir = os.path.join(out, "ImageSets", "Segmentation")
     runtime.make_dir(list_dir, "--out")
-    counts["lists"] = {name: write_text(os.path.join(list_dir, f"{name}.txt"), text) for name in LISTS[split]}
+    counts["lists"] = {name: runtime.write_if_changed(os.path.join(list_dir, f"{name}.txt"), text)
+                       for name in LISTS[split]}
     return counts, record
 
 
@@ -427,17 +403,8 @@ def main(args):
 
 
 def cli(argv=None):
-    """Parse, run; a ValueError, FileNotFoundError or full disk ends as one `prepare_coco.py: error: ...` line,
-    exit status 1 (SEMPLES_TRACEBACK=1 shows the traceback), as runtime.run_cli does for the stages."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return main(args)
-    except (ValueError, OSError) as e:
-        clear = isinstance(e, (ValueError, FileNotFoundError)) or e.errno == errno.ENOSPC
-        if not clear or os.environ.get("SEMPLES_TRACEBACK"):
-            raise
-        parser.exit(1, f"{parser.prog}: error: {e}\n")
+    """The command line (runtime.run_cli: bad input ends as one `prepare_coco.py: error: ...` line, exit status 1)."""
+    return runtime.run_cli(main, build_parser(), argv=argv)
 
 
 if __name__ == "__main__":

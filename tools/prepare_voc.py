@@ -25,7 +25,6 @@ An already downloaded SegmentationClassAug is checked instead of built (every tr
     python tools/prepare_voc.py --voc data/VOCdevkit/VOC2012                 # VOC/SegmentationClassAug exists
     python tools/prepare_voc.py --voc data/VOCdevkit/VOC2012 --aug DIR       # a SegmentationClassAug elsewhere
 """
-import errno
 import os
 import sys
 
@@ -58,17 +57,6 @@ def build_parser():
 # ----------------------------------------------------------------------------------------------
 # Reading the inputs
 # ----------------------------------------------------------------------------------------------
-def need_dir(path, what, hint):
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{what} {path} not found: {hint}")
-    return path
-
-
-def need_file(path, what, hint):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path} not found: {hint}")
-    return path
-
 
 def check_voc(voc):
     """The VOC folder, with a hint when it names VOCdevkit or the tar's top folder instead of VOC2012."""
@@ -76,9 +64,9 @@ def check_voc(voc):
     for inner in ("VOC2012", os.path.join("VOCdevkit", "VOC2012")):
         if not os.path.isdir(os.path.join(voc, "JPEGImages")) and os.path.isdir(os.path.join(voc, inner, "JPEGImages")):
             hint = f"it holds {inner}/: pass --voc {os.path.join(voc, inner)}"
-    need_dir(voc, "--voc folder", hint)
-    need_dir(os.path.join(voc, "JPEGImages"), "--voc: JPEG folder", hint)
-    need_dir(os.path.join(voc, "ImageSets", "Segmentation"), "--voc: list folder", hint)
+    runtime.need_dir(voc, "--voc folder", hint)
+    runtime.need_dir(os.path.join(voc, "JPEGImages"), "--voc: JPEG folder", hint)
+    runtime.need_dir(os.path.join(voc, "ImageSets", "Segmentation"), "--voc: list folder", hint)
     return voc
 
 
@@ -86,14 +74,14 @@ def check_sbd(sbd):
     hint = "pass --sbd the extracted benchmark_RELEASE/dataset folder (from SBD's benchmark.tgz)"
     if not os.path.isdir(os.path.join(sbd, "cls")) and os.path.isdir(os.path.join(sbd, "dataset", "cls")):
         hint = f"it holds dataset/: pass --sbd {os.path.join(sbd, 'dataset')}"
-    need_dir(sbd, "--sbd folder", hint)
-    need_dir(os.path.join(sbd, "cls"), "--sbd: mask folder", hint)
+    runtime.need_dir(sbd, "--sbd folder", hint)
+    runtime.need_dir(os.path.join(sbd, "cls"), "--sbd: mask folder", hint)
     return sbd
 
 
 def read_list(path, hint):
     """Ids of a list file, first column (VOC lists may carry more), in file order."""
-    need_file(path, "list", hint)
+    runtime.need_file(path, "list", hint)
     with open(path) as f:
         ids = [line.split()[0] for line in f if line.strip()]
     if not ids:
@@ -110,7 +98,7 @@ def read_sbd_mask(path):
     import scipy.io
 
     hint = "re-extract SBD's benchmark.tgz (cls/ holds one GTcls struct per image)"
-    need_file(path, "SBD mask", hint)
+    runtime.need_file(path, "SBD mask", hint)
     try:
         mat = scipy.io.loadmat(path)
     except Exception as e:  # scipy raises ValueError, TypeError, MatReadError... for a broken file
@@ -175,16 +163,7 @@ def same_mask(path, mask):
 
 def write_list(path, ids):
     """Write the list unless it already holds exactly these ids; returns 'written', 'replaced' or 'kept'."""
-    text = "".join(f"{i}\n" for i in ids)
-    state = "written"
-    if os.path.exists(path):
-        with open(path) as f:
-            if f.read() == text:
-                return "kept"
-        state = "replaced"
-    with runtime.atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
-    return state
+    return runtime.write_if_changed(path, "".join(f"{i}\n" for i in ids))
 
 
 def warn(msg):
@@ -213,7 +192,7 @@ def build(args):
     voc, sbd = check_voc(args.voc), check_sbd(args.sbd)
     voc_hint = "re-extract VOCtrainval_11-May-2012.tar into --voc"
     sbd_hint = "re-extract SBD's benchmark.tgz; --sbd is its benchmark_RELEASE/dataset folder"
-    need_dir(os.path.join(voc, "SegmentationClass"), "--voc: mask folder", voc_hint)
+    runtime.need_dir(os.path.join(voc, "SegmentationClass"), "--voc: mask folder", voc_hint)
     lists = {"VOC train": voc_list(voc, "train"), "VOC val": voc_list(voc, "val"),
              "SBD train": os.path.join(sbd, "train.txt"), "SBD val": os.path.join(sbd, "val.txt")}
     ids = {name: read_list(path, sbd_hint if name.startswith("SBD") else voc_hint) for name, path in lists.items()}
@@ -271,7 +250,7 @@ def check(args, aug):
     voc_hint = "re-extract VOCtrainval_11-May-2012.tar into --voc"
     aug_hint = ("replace the SegmentationClassAug folder (or build it from SBD: --sbd "
                 "benchmark_RELEASE/dataset)")
-    need_dir(aug, "SegmentationClassAug folder" if args.aug is None else "--aug folder",
+    runtime.need_dir(aug, "SegmentationClassAug folder" if args.aug is None else "--aug folder",
              "pass --aug the downloaded SegmentationClassAug folder, or --sbd SBD's benchmark_RELEASE/dataset "
              "folder to build one")
     val_path, list_path = voc_list(voc, "val"), voc_list(voc, "train_aug")
@@ -290,7 +269,7 @@ def check(args, aug):
     check_lists(train_aug, val, list_path if list_state is None else f"{aug} (its ids)", val_path)
     for i in runtime.progress(sorted(set(train_aug)), "check"):
         hw = jpeg_size(voc, i, list_path if list_state is None else f"{aug} (its ids)")
-        path = need_file(os.path.join(aug, f"{i}.png"), f"mask of train_aug id {i}", aug_hint)
+        path = runtime.need_file(os.path.join(aug, f"{i}.png"), f"mask of train_aug id {i}", aug_hint)
         mask = check_values(datasets.read_mask(path), path, aug_hint)
         check_size(mask, path, hw, voc, i, aug_hint)
     no_mask = [i for i in set(val) | set(train) if not os.path.exists(os.path.join(aug, f"{i}.png"))]
@@ -322,17 +301,8 @@ def main(args):
 
 
 def cli(argv=None):
-    """Parse, run; a ValueError, FileNotFoundError or full disk ends as one `prepare_voc.py: error: ...` line,
-    exit status 1 (SEMPLES_TRACEBACK=1 shows the traceback), as runtime.run_cli does for the stages."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return main(args)
-    except (ValueError, OSError) as e:
-        clear = isinstance(e, (ValueError, FileNotFoundError)) or e.errno == errno.ENOSPC
-        if not clear or os.environ.get("SEMPLES_TRACEBACK"):
-            raise
-        parser.exit(1, f"{parser.prog}: error: {e}\n")
+    """The command line (runtime.run_cli: bad input ends as one `prepare_voc.py: error: ...` line, exit status 1)."""
+    return runtime.run_cli(main, build_parser(), argv=argv)
 
 
 if __name__ == "__main__":
