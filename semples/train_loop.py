@@ -37,6 +37,7 @@ def add_flags(p, epochs, lr, batch_size):
                         "--no-resume removes it and starts afresh")
     return p
 
+
 def begin(args, checkpoint="checkpoint.pt"):
     """What every training stage does first: pick the device (joining torchrun's process group), seed,
     open OUT/log.txt, read the class names. Returns (device, rank, world, log, OUT/checkpoint, names)."""
