@@ -162,7 +162,7 @@ def compute_cams(args, ids, cam_dir, fmt, log):
     paths = [os.path.join(cam_dir, f"{i}.{fmt}") for i in ids]
     todo = [n for n, p in enumerate(paths) if not os.path.exists(p)]
     # each image file as it is now (size, time): a CAM file is reused only for the image it was made from
-    stamps = [[st.st_size, st.st_mtime_ns] for st in (os.stat(datasets.image_path(args.data, i)) for i in ids)]
+    stamps = [datasets.file_stamp(datasets.image_path(args.data, i)) for i in ids]
     if fmt == "npy":
         claim_npy_folder(cam_dir, meta)
     check_existing_cams(paths, set(todo), meta, y, cam_dir, stamps if fmt == "npz" else None)

@@ -346,7 +346,8 @@ def build_model(state_dict, transformer_heads=None):
                  vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=text_width,
                  transformer_heads=transformer_heads or max(1, text_width // 64),
                  transformer_layers=count("transformer.resblocks."))
-    missing, unexpected = model.load_state_dict(sd, strict=False) if _shapes_fit(model, sd) else ([], [])
+    _check_shapes(model, sd)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:  # an edited or foreign file: say which keys, not a 40-line RuntimeError
         raise ValueError(f"not the CLIP its shapes describe: missing keys {missing[:3]}"
                          f"{'...' if len(missing) > 3 else ''}, unexpected keys {unexpected[:3]}"
@@ -354,11 +355,10 @@ def build_model(state_dict, transformer_heads=None):
     return model.eval()
 
 
-def _shapes_fit(model, sd):
+def _check_shapes(model, sd):
     """Raise ValueError naming the first weight whose shape differs from the one the file's other shapes imply."""
     own = model.state_dict()
     for name, t in sd.items():
         if name in own and tuple(own[name].shape) != tuple(t.shape):
             raise ValueError(f"weight '{name}' has shape {tuple(t.shape)}, but the file's other weights make a CLIP "
                              f"that needs {tuple(own[name].shape)}")
-    return True

@@ -475,6 +475,12 @@ def load_labels(root, ids, num_classes, require_nonempty=True, class_names=None)
     return y
 
 
+def file_stamp(path):
+    """[size, modification time in ns] of a file: what tells a replaced image (or mask) from the one a run read."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
 def data_key(root, ids, labels=None, masks=None):
     """A short hash of what a run reads: the image list in order, each image file's size and modification time,
     the labels and, with `masks` (a folder), each training mask's size and time. Part of a run's resume and
@@ -483,8 +489,7 @@ def data_key(root, ids, labels=None, masks=None):
     h = hashlib.sha256()
     for i in ids:
         files = [image_path(root, i)] + ([os.path.join(masks, f"{i}.png")] if masks else [])
-        stats = [os.stat(f) for f in files]
-        h.update((i + "".join(f"\0{st.st_size}\0{st.st_mtime_ns}" for st in stats) + "\n").encode())
+        h.update((i + "".join(f"\0{size}\0{time}" for size, time in map(file_stamp, files)) + "\n").encode())
     if labels is not None:
         h.update(np.ascontiguousarray(labels, dtype=np.float32).tobytes())
     return h.hexdigest()[:16]

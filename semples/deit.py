@@ -59,11 +59,12 @@ Files.
   prefix (a DDP-wrapped save) is accepted on load. The pool type (max/avg) is not in the file; pass it.
 """
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from semples.runtime import read_torch_file
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -310,15 +311,6 @@ class DeiTS(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------
-def _read(path, what):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: expected {what}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable torch file ({type(e).__name__}: {e}); expected {what}") from e
-
-
 def _state_dict_of(obj, path, what):
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -353,7 +345,7 @@ def load_imagenet_deit(model, path):
     architecture (width, depth, patch, MLP size). Returns the model."""
     what = (f"a DeiT ImageNet state dict (timm key names, width {model.embed_dim}, {model.depth} blocks, "
             f"patch {model.patch_size})")
-    sd = _state_dict_of(_read(path, what), path, what)
+    sd = _state_dict_of(read_torch_file(path, "--init", f"expected {what}"), path, what)
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     target = model.state_dict()
     expected = [k for k in target if not k.startswith(("head.", "adaptive_attention_fusion."))]
@@ -404,7 +396,7 @@ def load_weaktr_checkpoint(path, model=None, pool="max"):
     into a new DeiTS built to fit it (pool type as given). Strict: every key and shape must match (ValueError
     naming the file otherwise). Returns (model, the file's dict)."""
     what = "a WeakTr CAM checkpoint (DeiT with K class tokens, conv head, adaptive_attention_fusion)"
-    obj = _read(path, what)
+    obj = read_torch_file(path, "--init", f"expected {what}")
     sd = _state_dict_of(obj, path, what)
     if model is None:
         needed = ["cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight",
