@@ -2,15 +2,16 @@
 argmax -> dense CRF -> VOC-palette PNGs, the training targets of the segmenter (train_seg.py).
 
 CAM of image X (docs/method.md, as the authors' release): for each scale s, X resized so that its longer
-side is s * --size (aspect kept; --size defaults to the square size S was trained at), plus its
-horizontal flip; relu(S(.)) (the CAM, as CLIMS/IRN make it) upsampled bilinearly to X's size; summed
+side is s * --size (aspect kept; --size defaults to the square size a ResNet S was trained at; a DeiT S sees
+X at its own size times s, as WeakTr), plus its horizontal flip; relu(S(.)) (the CAM, as CLIMS/IRN make it;
+a DeiT S's fine CAM) upsampled bilinearly to X's size; summed
 over scales and flips; kept for X's labelled classes only; min-max normalised per class. Pseudo mask: argmax over
 [--bg_threshold plane, present classes] (a tie goes to the background), then dense CRF (unary from
 those labels with gt_prob 0.7; Gaussian sxy 4 compat 3; bilateral sxy 83 srgb 5 compat 3; 10 iters).
-The threshold defaults are fixed (VOC and COCO 0.15, the CAM threshold of IRN and CLIMS for this ResNet-50
-CAM family; toy 0.45 from a one-time developers' sweep on toy train): the pipeline never looks at ground
-truth. `eval_miou.py --cams OUT/cams` sweeps the threshold on train-set GT, which is how seeds are
-*reported*, not how the threshold is chosen here.
+The threshold defaults are fixed, per dataset and S family (semples/presets.py, BG_THRESHOLD: VOC and COCO
+0.15 for a ResNet S, the CAM threshold of IRN and CLIMS; 0.43 / 0.42 for a DeiT S, WeakTr's; toy 0.45 from a
+one-time developers' sweep on toy train): the pipeline never looks at ground truth. `eval_miou.py --cams
+OUT/cams` sweeps the threshold on train-set GT, which is how seeds are *reported*, not how it is chosen here.
 
 Toy world (CPU):
     python make_pseudo.py --dataset toy --device cpu
@@ -89,15 +90,16 @@ def build_parser():
     p.add_argument("--out", type=str, default=None, help="output folder (cams/, masks/, vis/, log.txt)")
     p.add_argument("--mask_dir", type=str, default=None, help="where the PNGs go (default OUT/masks)")
     p.add_argument("--size", type=runtime.positive_int, default=None,
-                   help="longer image side at scale 1.0 (default: the checkpoint's training size)")
+                   help="longer image side at scale 1.0 (default: a ResNet S's training size; a DeiT S sees each "
+                        "image at its own size, as WeakTr)")
     p.add_argument("--scales", type=runtime.float_list, default="1.0,1.2",
                    help="comma list of CAM scales (each also flipped)")
     p.add_argument("--batch_size", type=runtime.positive_int, default=8, help="images per S forward (equal-sized images only)")
     p.add_argument("--store_scale", type=runtime.positive_float, default=1.0,
                    help="CAMs are stored at this fraction of the image size (upsampled bilinearly on read)")
-    p.add_argument("--bg_threshold", type=runtime.unit_float, default=0.15,
-                   help="constant background score; 0.15 is IRN's and CLIMS's CAM threshold for ResNet-50 CAMs (the "
-                        "release's 0.43 is WeakTr's, for DeiT CAMs)")
+    p.add_argument("--bg_threshold", type=runtime.unit_float, default=None,
+                   help="constant background score; default: the one of the S that made the CAMs (presets."
+                        "BG_THRESHOLD: VOC 0.15 for a ResNet S, IRN's and CLIMS's; 0.43 for a DeiT S, WeakTr's)")
     p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True,
                    help="dense CRF on the masks (cams.CRF_DEFAULTS, unary gt_prob cams.CRF_GT_PROB)")
     p.add_argument("--vis", type=runtime.nonnegative_int, default=0, help="write image | CAM | mask pictures for the first N images")
@@ -150,13 +152,16 @@ def _size_batches(root, ids, todo, batch_size):
 
 def compute_cams(args, ids, cam_dir, fmt, log):
     from semples.method import minmax, weights_fingerprint  # here: CRF workers stay light
-    from semples.network import load_mask_generator
+    from semples.network import DEITS, load_mask_generator
     device, _, _ = runtime.setup_device(args.device)
     names = datasets.read_class_names(args.data, args.dataset)
     S, ckpt = load_mask_generator(args.checkpoint, device, "--checkpoint", names)
-    size, scales = args.size or ckpt["args"]["size"], args.scales
+    backbone = ckpt["args"]["backbone"]
+    # a DeiT S sees each image at its own size times the scale (WeakTr); a ResNet S at its training size
+    size = args.size or (None if backbone in DEITS else ckpt["args"]["size"])
+    scales = args.scales
     meta = {"fingerprint": weights_fingerprint(ckpt["model"]), "scales": scales, "size": size,
-            "store_scale": args.store_scale, "class_names": names,
+            "store_scale": args.store_scale, "class_names": names, "backbone": backbone,
             "checkpoint": os.path.abspath(args.checkpoint), "epoch": ckpt.get("epoch")}
     y = torch.from_numpy(datasets.load_labels(args.data, ids, len(names), require_nonempty=False))
     paths = [os.path.join(cam_dir, f"{i}.{fmt}") for i in ids]
@@ -329,6 +334,15 @@ def make_masks(args, ids, cam_dir, fmt, mask_dir, vis, log):
         f"{fg:.1f}% of pixels, changed by CRF {changed:.1f}%, in {mask_dir}")
 
 
+def cams_backbone(path):
+    """The backbone of the S that made a CAM file, from its record. A .npy folder without one is a release's
+    (WeakTr's DeiT CAMs); our files made before the record held it are a ResNet S's."""
+    meta, _ = cam_meta(path)
+    if meta is None:
+        return "deit_s" if path.endswith(".npy") else "resnet50"
+    return meta.get("backbone", "resnet50")
+
+
 def shard_dir(args):
     """OUT/shards/IofN of a --shard run (its lock and args), None without --shard."""
     return os.path.join(args.out, "shards", f"{args.shard[0]}of{args.shard[1]}") if args.shard else None
@@ -371,6 +385,10 @@ def main(args):
         fmt = cam_format(cam_dir, ids, args.cam_format, "--cams" if args.cams else "the CAM folder",
                          "" if args.cams else "; run make_pseudo.py without --masks_only first")
     if not args.cams_only:
+        if args.bg_threshold is None:  # the threshold of the S that made the CAMs
+            backbone = cams_backbone(os.path.join(cam_dir, f"{ids[0]}.{fmt}"))
+            args.bg_threshold = presets.bg_threshold(args.dataset, backbone)
+            log(f"masks: --bg_threshold {args.bg_threshold}, the preset of a {backbone} S on {args.dataset}")
         make_masks(args, ids, cam_dir, fmt, args.mask_dir, vis, log)
         then = f"once all {args.shard[1]} shards are done, " if args.shard else ""
         log(f"done: {then}evaluate with `python eval_miou.py --dataset {args.dataset} --data {args.data} "

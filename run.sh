@@ -11,6 +11,10 @@
 #   bash run.sh --voc data/VOCdevkit/VOC2012 --clip ViT-B/32 \
 #       --init data/resnet50-imagenet.pth --seg_init data/resnet101-imagenet.pth --gpus 4
 #   bash run.sh --coco data/coco --clip ViT-B/32 --init ... --seg_init ... --gpus 8
+#   bash run.sh --voc data/VOCdevkit/VOC2012 --clip ViT-B/32 --backbone deit_s \
+#       --init data/deit_small_patch16_224-cd65a155.pth --seg_init data/resnet101-imagenet.pth --gpus 4
+#       # the paper's S, WeakTr's DeiT-S (its recipe: train_cam.py's "voc/deit" preset); OUT out/voc_deit_s
+#   bash run.sh --backbone deit_toy      # the toy world with a small DeiT of the same design; OUT out/toy_deit_toy
 #   bash run.sh --seed 1 --out out/toy_seed1   # another pipeline seed
 #   bash run.sh --clusters data/toy/clusters.json --out out/toy_clusters   # CAM network with category clusters
 #   bash run.sh --no-seg               # stop after the seeds and pseudo masks of the train list (no segmenter)
@@ -36,9 +40,9 @@
 # as papers report it: two rows, results.json's segmenter_val_miou and segmenter_val_miou_crf.
 #
 # The background threshold of the pseudo masks on data of your own (--data, --toy DIR): the preset's fixed
-# value (VOC 0.15, toy 0.45), chosen without ground truth. To fit it to your data, label a small subset (its
-# ids in DIR/ImageSets/Segmentation/NAME.txt, its masks in DIR/SegmentationClass) and, after a run (--no-seg
-# is enough), sweep the threshold over the subset's CAMs:
+# value (VOC 0.15, toy 0.45; a DeiT S: 0.43), chosen without ground truth. To fit it to your data, label a
+# small subset (its ids in DIR/ImageSets/Segmentation/NAME.txt, its masks in DIR/SegmentationClass) and, after
+# a run (--no-seg is enough), sweep the threshold over the subset's CAMs:
 #   python make_pseudo.py --dataset voc --data DIR --split NAME --checkpoint OUT/refine/checkpoint.pt \
 #       --cams_only --out OUT/subset
 #   python eval_miou.py --dataset voc --data DIR --split NAME --cams OUT/subset/cams    # ends 'best threshold: T'
@@ -63,9 +67,10 @@ else
   [ -x "$PY" ] || PY=python3
 fi
 DATASET=toy DATA="" CLIP="" INIT="" SEG_INIT="" GPUS=1 OUT="" DEVICE="" SEED=504 CLUSTERS="" SEG=1 USER_DATA="" DRY=0
+BACKBONE=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --voc|--coco|--toy|--data|--clip|--init|--seg_init|--gpus|--out|--device|--seed|--clusters)
+    --voc|--coco|--toy|--data|--clip|--init|--seg_init|--gpus|--out|--device|--seed|--clusters|--backbone)
       [ $# -ge 2 ] || { echo "run.sh: $1 needs a value (see bash run.sh --help)" >&2; exit 2; } ;;
   esac
   case "$1" in
@@ -81,6 +86,7 @@ while [ $# -gt 0 ]; do
     --device) DEVICE=$2; shift 2 ;;
     --seed) SEED=$2; shift 2 ;;
     --clusters) CLUSTERS=$2; shift 2 ;;
+    --backbone) BACKBONE=$2; shift 2 ;;
     --no-seg) SEG=0; shift ;;
     --dry-run) DRY=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
@@ -95,6 +101,11 @@ torch_error=$("$PY" -c "import torch, torchvision, numpy, PIL" 2>&1) || {
   echo "run.sh: $PY cannot import the requirements ($(printf '%s\n' "$torch_error" | tail -n 1)); install them" \
     "(README, Install) or set PYTHON to a python that has them" >&2; exit 2; }
 [[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --gpus must be a positive integer, got '$GPUS'" >&2; exit 2; }
+if [ -n "$BACKBONE" ]; then  # train_cam.py's choices, checked now rather than after the toy world is made
+  backbones=$("$PY" -c "from semples.network import BACKBONES; print(' '.join(BACKBONES))")
+  [[ " $backbones " == *" $BACKBONE "* ]] || {
+    echo "run.sh: --backbone $BACKBONE unknown; choose from: $backbones" >&2; exit 2; }
+fi
 [[ "$SEED" =~ ^[0-9]+$ ]] || { echo "run.sh: --seed must be a non-negative integer, got '$SEED'" >&2; exit 2; }
 [ -n "$DATA" ] || DATA=data/$DATASET
 if [ -n "$USER_DATA" ]; then  # the VOC recipe on a user's folder: its CLIP is a file they have
@@ -103,7 +114,7 @@ if [ -n "$USER_DATA" ]; then  # the VOC recipe on a user's folder: its CLIP is a
   [ -f "$CLIP" ] || { echo "run.sh: --data $DATA needs --clip FILE: $CLIP is not a file" >&2; exit 2; }
   [ -n "$OUT" ] || OUT=out/data_$(basename "$(cd "$DATA" 2>/dev/null && pwd || echo "$DATA")")
 fi
-[ -n "$OUT" ] || OUT=out/$DATASET
+[ -n "$OUT" ] || OUT=out/$DATASET${BACKBONE:+_$BACKBONE}
 if [ "$DATASET" = toy ]; then
   # Generate only where the folder is (or will be) a make_toy world: never write into a user's dataset.
   if [ ! -e "$DATA" ] || [ -f "$DATA/toy_meta.json" ] || [ -z "$(ls -A "$DATA" 2>/dev/null)" ]; then
@@ -289,6 +300,7 @@ INPUTS=$(inputs "$INIT" "$CLUSTERS")  # the CAM network's
 INIT_FLAG=(); [ -n "$INIT" ] && INIT_FLAG=(--init "$INIT")
 SEG_INIT_FLAG=(); [ -n "$SEG_INIT" ] && SEG_INIT_FLAG=(--init "$SEG_INIT")
 CLUSTER_FLAG=(); [ -n "$CLUSTERS" ] && CLUSTER_FLAG=(--clusters "$CLUSTERS")
+BACKBONE_FLAG=(); [ -n "$BACKBONE" ] && BACKBONE_FLAG=(--backbone "$BACKBONE")  # later stages: S's checkpoint
 CAM=$OUT/cam/checkpoint.pt MATCH=$OUT/match/checkpoint.pt
 
 beside_clip() {  # beside_clip command...: while the tiny CLIP trains in the background, the command's idle OpenMP
@@ -297,7 +309,7 @@ beside_clip() {  # beside_clip command...: while the tiny CLIP trains in the bac
   if [ -n "$TOY_JOB" ]; then OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} "$@"; else "$@"; fi
 }
 beside_clip step cam "$OUT/cam" "${TRAIN[@]}" train_cam.py "${COMMON[@]}" --out "$OUT/cam" "${SPLIT_FLAG[@]}" \
-  "${INIT_FLAG[@]}" "${CLUSTER_FLAG[@]}" ${CAM_ARGS:-}
+  "${INIT_FLAG[@]}" "${CLUSTER_FLAG[@]}" "${BACKBONE_FLAG[@]}" ${CAM_ARGS:-}
 beside_clip step eval_cam "$OUT/eval_cam" seeds eval_cam "$CAM" ${PSEUDO_ARGS:-}
 if [ -n "$TOY_JOB" ]; then
   wait "$TOY_JOB" || { cat "$OUT/make_toy.log"; echo "run.sh: tools/make_toy.py --part clip failed (above)" >&2; exit 1; }
@@ -341,7 +353,7 @@ def read(path):
         return json.load(f)
 rows = {"cam": "CAM network", "a": "stage (a) only: L_match", "c": "SemPLeS (a)+(b)+(c)"}
 folder = {"cam": "eval_cam", "a": "eval_match", "c": "eval_refine"}
-res = {"dataset": dataset, "seed": seed, "clusters": clusters or None}
+res = {"dataset": dataset, "seed": seed, "clusters": clusters or None, "backbone": read("cam/args.json")["backbone"]}
 for key in rows:
     s, m = read(f"{folder[key]}/seed.json"), read(f"{folder[key]}/mask.json")
     res[key] = {"seed_miou": round(s["miou"], 2), "seed_threshold": s["best_threshold"],
@@ -357,7 +369,7 @@ tmp = os.path.join(out, "results.json.tmp")
 with open(tmp, "w") as f:
     json.dump(res, f, indent=1)
 os.replace(tmp, os.path.join(out, "results.json"))
-print(f"\nSemPLeS on {dataset}, seed {seed}{', CAM network with clusters' if clusters else ''} (mIoU %; seeds at the best background threshold of a sweep, "
+print(f"\nSemPLeS on {dataset}{'' if res['backbone'] in ('tiny', 'resnet50') else ', S ' + res['backbone']}, seed {seed}{', CAM network with clusters' if clusters else ''} (mIoU %; seeds at the best background threshold of a sweep, "
       "as papers report them; pseudo masks at the fixed preset threshold)")
 print(f"{'':34s} {'seed (CAM), train':>17s} {'pseudo mask, train':>19s}")
 for key, name in rows.items():

@@ -4,6 +4,13 @@ stage (a)'s result (the paper starts from a classification-trained WeakTr, CLIMS
 
     L_cls = multi-label soft margin( GAP(CAMs), y )       (the pooled CAMs are the class scores)
 
+With --backbone deit_s (WeakTr's DeiT-S, the paper's S; semples/deit.py) S has three outputs, each trained as
+WeakTr does: the class tokens' logits (they train the transformer), the coarse CAM's (transformer and 3x3 head)
+and the fine CAM's (the attention fusion only, its inputs being detached):
+    L_WeakTr = sum over o in {class tokens, coarse, fine} of multi-label soft margin( logits_o, y )
+and its presets are WeakTr's recipe (semples/presets.py, rows "voc/deit"...; the last epoch is kept, where WeakTr
+keeps the epoch with the best train-set ground-truth mIoU).
+
 With --clusters FILE (category clusters, after PCC, arXiv 2412.13823; docs/method.md): each cluster of
 similar classes gets a shared map, added to the map of each of its classes, and cluster-level supervision
 trains it (a cluster is present when any of its classes is):
@@ -12,8 +19,11 @@ trains it (a cluster is present when any of its classes is):
 Toy world (CPU, about 2 minutes):
     python train_cam.py --dataset toy --device cpu
     python train_cam.py --dataset toy --device cpu --clusters data/toy/clusters.json --out out/toy/cam_clusters
+    python train_cam.py --dataset toy --device cpu --backbone deit_toy --out out/toy_deit/cam
 VOC (one GPU; `torchrun --nproc_per_node 4 train_cam.py ...` for four):
     python train_cam.py --dataset voc --init data/resnet50-imagenet.pth
+    python train_cam.py --dataset voc --backbone deit_s --init data/deit_small_patch16_224-cd65a155.pth \
+        --out out/voc_deit/cam
 
 Reads the images and their labels (derived from the masks); writes OUT/checkpoint.pt (S, optimizer,
 epoch, args; resumed from if present), OUT/log.txt, OUT/args.json. The architecture and input size
@@ -23,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from semples import datasets, presets, runtime, train_loop
-from semples.network import BACKBONES, build_mask_generator
+from semples.network import BACKBONES, DEITS, build_mask_generator
 
 PRESETS = presets.of("train_cam")
 
@@ -40,17 +50,35 @@ def build_parser():
     p.add_argument("--head_lr_mult", type=runtime.positive_float, default=10.0,
                    help="lr multiplier of the 1x1 classifier(s) (IRN: 10)")
     p.add_argument("--init", type=str, default=None,
-                   help="ImageNet torchvision state-dict file for the backbone; none = random init")
-    p.add_argument("--backbone", type=str, default="resnet50", choices=BACKBONES, help="backbone of S")
-    p.add_argument("--output_stride", type=int, default=16, choices=(8, 16, 32), help="output stride of S")
+                   help="ImageNet weights: a torchvision state-dict file (ResNet), or the DeiT authors' file (deit_s: "
+                        "deit_small_patch16_224-cd65a155.pth); none = random init")
+    p.add_argument("--backbone", type=str, default="resnet50", choices=BACKBONES,
+                   help="S: a ResNet CAM network (CLIMS's), or WeakTr's DeiT-S (deit_s; deit_toy: its small twin for "
+                        "the toy world), which brings its own presets (`--backbone deit_s --help` shows them)")
+    p.add_argument("--output_stride", type=int, default=16, choices=(8, 16, 32),
+                   help="output stride of a ResNet S (a DeiT's is its patch size)")
     p.add_argument("--size", type=runtime.positive_int, default=448, help="S input size (square)")
+    p.add_argument("--augment", type=str, default="flip", choices=("flip", "deit"),
+                   help="flip: resize to --size, random flip (IRN-like); deit: DeiT's crops, RandAugment and erasing "
+                        "(WeakTr's; datasets.ClsDataset says how ours differs from timm's)")
+    p.add_argument("--warmup_epochs", type=runtime.nonnegative_int, default=0,
+                   help="--optimizer adamw: epochs of linear lr warm-up before the cosine (WeakTr: 5)")
+    p.add_argument("--min_lr", type=runtime.nonnegative_float, default=0.0,
+                   help="--optimizer adamw: where the cosine ends, not scaled by batch (WeakTr: 1e-5)")
     p.add_argument("--clusters", type=str, default=None,
                    help="category-cluster JSON (semples/clusters/voc.json, semples/clusters/coco.json, DATA/clusters.json "
                         "for the toy world): shared cluster maps with cluster-level supervision; none = off")
     return p
 
 
-# ---------------- the objective ----------------
+# ---------------- the objectives ----------------
+def objective_deit(logits, y):
+    """L_WeakTr: one multi-label soft margin per output of the DeiT S (class tokens, coarse CAM, fine CAM)."""
+    terms = {name: F.multilabel_soft_margin_loss(o.float(), y)
+             for name, o in zip(("L_cls_token", "L_coarse", "L_fine"), logits)}
+    return sum(terms.values()), terms
+
+
 def objective(out, y, clusters=None):
     """L_cls on the class maps; with `clusters` (class-index lists), `out` is (class maps, cluster maps) and
     L_cluster supervises each cluster's shared map with its cluster label (present if any member is)."""
@@ -73,7 +101,11 @@ def main(args):
         clusters = [[names.index(c) for c in members] for members in args.cluster_groups.values()]
     S = build_mask_generator(args.backbone, len(names), args.output_stride, args.init, clusters)
 
-    train_loop.train(args, lambda x, y, out: objective(out, y, clusters), "cam", S=S, cluster_maps=bool(clusters))
+    if args.backbone in DEITS:
+        train_loop.train(args, lambda x, y, out: objective_deit(out, y), "cam", S=S, outputs={"logits": True})
+    else:
+        train_loop.train(args, lambda x, y, out: objective(out, y, clusters), "cam", S=S,
+                         outputs={"cluster_maps": True} if clusters else None)
 
 
 if __name__ == "__main__":

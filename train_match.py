@@ -20,6 +20,7 @@ import torch
 
 from semples import datasets, presets, runtime, train_loop
 from semples.method import FILLS, L_area, L_match, class_text_features, encode_images, load_frozen_clip, masked_pairs
+from semples.network import mask_style
 
 PRESETS = presets.of("train_match")
 
@@ -59,7 +60,7 @@ def main(args):
 
     # ---------------- the objective: L_match (Eq. 1) ----------------
     def objective(x, y, cams):
-        X_f, X_b, k, _, M = masked_pairs(x, cams, y, res, args.fill)
+        X_f, X_b, k, _, M = masked_pairs(x, cams, y, res, args.fill, **mask_style(args.backbone, "match"))
         v_f, v_b = encode_images(clip_model, torch.cat([X_f, X_b])).chunk(2)  # one CLIP pass
         l_match, fg, bg = L_match(v_f, v_b, u_f[k], args.lambda_b)
         area = L_area(M)  # extra term, not in the paper: 0 unless --lambda_area

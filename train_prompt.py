@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from semples import datasets, presets, runtime, train_loop
 from semples.method import (EPS, WORDS, L_prompt, Prompts, class_text_features, clip_identity, encode_images,
                             load_frozen_clip, masked_pairs, nearest_words, read_words, weights_fingerprint)
-from semples.network import load_mask_generator
+from semples.network import load_mask_generator, mask_style
 
 PRESETS = presets.of("train_prompt")
 
@@ -96,7 +96,7 @@ def background_cache(args, S, clip_model, K, device, log, rank=0):
     for x, y, _ in runtime.progress(loader, "caching v^b"):
         x, y = x.to(device), y.to(device)
         with runtime.autocast(device, args.amp):
-            X_f, X_b, k, _, _ = masked_pairs(x, S(x), y, res, args.fill)
+            X_f, X_b, k, _, _ = masked_pairs(x, S(x), y, res, args.fill, **mask_style(args.backbone, "prompt"))
             v_b.append(encode_images(clip_model, X_b).float().cpu())
             v_f.append(encode_images(clip_model, X_f).float().cpu())  # apart: v^b as before, to the last bit
         ks.append(k.cpu())

@@ -26,6 +26,7 @@ import torch
 from semples import datasets, presets, runtime, train_loop
 from semples.method import (FILLS, L_area, L_match, L_prompt, L_refine, Prompts, class_text_features, encode_images,
                             load_frozen_clip, load_prompt_features, masked_pairs)
+from semples.network import mask_style
 
 PRESETS = presets.of("train_refine")
 JOINT_PROMPT_LR = 0.1  # --joint: the prompts' AdamW lr before scaling by batch/512, stage (b)'s
@@ -80,7 +81,7 @@ def main(args):
 
     # ---------------- the objective: L_total (Eq. 3) ----------------
     def objective(x, y, cams):
-        X_f, X_b, k, _, M = masked_pairs(x, cams, y, res, args.fill)
+        X_f, X_b, k, _, M = masked_pairs(x, cams, y, res, args.fill, **mask_style(args.backbone, "refine"))
         v_f, v_b = encode_images(clip_model, torch.cat([X_f, X_b])).chunk(2)
         l_match, fg, bg = L_match(v_f, v_b, u_f[k], args.lambda_b)
         u_b = prompts(clip_model) if args.joint else u_b_fixed

@@ -224,14 +224,15 @@ def cam_format(folder, ids, fmt=None, flag="--cams", hint=""):
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def multiscale_cams(S, x, scales, size, device, amp, keep=None):
-    """Sum over scales and flips of relu(S(x_s)) upsampled to x's size. x: uint8 [B, H, W, 3];
+    """Sum over scales and flips of relu(S(x_s)) upsampled to x's size; x_s is x with its longer side resized
+    to s * size, or with size None (a DeiT S, as WeakTr) x resized by s. x: uint8 [B, H, W, 3];
     keep: channel indices to upsample (default all). Returns float32 [B, len(keep), H, W] on device."""
     x = x.to(device).permute(0, 3, 1, 2).float() / 255
     B, _, H, W = x.shape
     total = 0
     # ---------------- algorithm logic ----------------
     for s in scales:
-        f = s * size / max(H, W)
+        f = s if size is None else s * size / max(H, W)
         hw = (max(1, round(H * f)), max(1, round(W * f)))
         xs = x if hw == (H, W) else F.interpolate(x, hw, mode="bilinear", align_corners=False, antialias=True)
         with runtime.autocast(device, amp):

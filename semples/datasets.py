@@ -499,14 +499,29 @@ class ClsDataset(torch.utils.data.Dataset):
     """(image, multi-hot label) pairs at a fixed square size, the input of S in every stage.
 
     Images come out as float [3, size, size] in [0, 1]: S normalises them itself, and the masked CLIP
-    samples are built from the raw pixels. Augmentation (horizontal flip) draws from an RNG seeded by
-    (seed, epoch, index), so a resumed run sees exactly the images an uninterrupted run would.
+    samples are built from the raw pixels. `augment`: False/'none'; True/'flip' (the image resized to the
+    square, flipped half the time); 'deit' (WeakTr's CAM training, DeiT's recipe with torchvision's pieces:
+    RandomResizedCrop scale 0.08-1 bicubic, flip, RandAugment 2 ops at magnitude 9, RandomErasing p 0.25 with
+    random values; timm's rand-m9-mstd0.5-inc1 jitters the magnitude and its erasing fills normalised noise).
+    Every draw comes from an RNG seeded by (seed, epoch, index), so a resumed run sees exactly the images an
+    uninterrupted run would, whichever process or worker loads them.
     Labels: load_labels (the labels file where it has the image, else the mask).
     Images whose labels hold no class (scenery alone) are left out: no (image, class) pair of stages (a)-(c)
     comes from them. `self.left_out` counts them, for the stage's log."""
 
+    AUGMENTS = {False: "none", True: "flip", "none": "none", "flip": "flip", "deit": "deit"}
+
     def __init__(self, root, split, num_classes, size, augment=False, seed=0):
-        self.root, self.size, self.augment, self.seed, self.epoch = root, size, augment, seed, 0
+        if augment not in self.AUGMENTS:
+            raise ValueError(f"--augment must be one of none, flip, deit; got {augment!r}")
+        self.root, self.size, self.augment, self.seed, self.epoch = root, size, self.AUGMENTS[augment], seed, 0
+        self.deit = None
+        if self.augment == "deit":
+            from torchvision import transforms as T
+            self.deit = T.Compose([
+                T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                T.RandomHorizontalFlip(), T.RandAugment(num_ops=2, magnitude=9), T.PILToTensor(),
+                T.ConvertImageDtype(torch.float32), T.RandomErasing(p=0.25, value="random")])
         ids = read_ids(root, split)
         labels = load_labels(root, ids, num_classes, require_nonempty=False)
         self.labels_file = labels_file(root)
@@ -530,6 +545,11 @@ class ClsDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, n):
         img = Image.fromarray(read_image(image_path(self.root, self.ids[n])))
+        if self.deit is not None:
+            with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG
+                torch.manual_seed(int(np.random.default_rng([self.seed, self.epoch, n]).integers(2 ** 62)))
+                x = self.deit(img).clamp_(0, 1)  # RandomErasing's normal noise leaves [0, 1]
+            return x, torch.from_numpy(self.labels[n]), n
         img = img.resize((self.size, self.size), Image.BILINEAR)
         x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
         if self.flipped(n):
@@ -538,7 +558,7 @@ class ClsDataset(torch.utils.data.Dataset):
 
     def flipped(self, n):
         """Whether sample n comes out flipped in the current epoch."""
-        return self.augment and np.random.default_rng([self.seed, self.epoch, n]).random() < 0.5
+        return self.augment == "flip" and np.random.default_rng([self.seed, self.epoch, n]).random() < 0.5
 
 
 class ImageList(torch.utils.data.Dataset):

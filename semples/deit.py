@@ -391,12 +391,19 @@ def deit_config_from_state_dict(sd, pool="max", drop_path_rate=0.1):
                 pool=pool)
 
 
-def load_weaktr_checkpoint(path, model=None, pool="max"):
+def is_weaktr(obj):
+    """Whether a file's dict looks like a WeakTr CAM checkpoint (a state dict with the fusion, under 'model')."""
+    sd = obj.get("model", obj) if isinstance(obj, dict) else None
+    return isinstance(sd, dict) and any(str(k).endswith("adaptive_attention_fusion.attn_head_ffn.0.weight") for k in sd)
+
+
+def load_weaktr_checkpoint(path, model=None, pool="max", obj=None):
     """Load a WeakTr-format CAM checkpoint ({'model': state_dict, ...}) into `model`, or, with model=None,
     into a new DeiTS built to fit it (pool type as given). Strict: every key and shape must match (ValueError
-    naming the file otherwise). Returns (model, the file's dict)."""
+    naming the file otherwise). `obj`: the file's dict, if already read. Returns (model, the file's dict)."""
     what = "a WeakTr CAM checkpoint (DeiT with K class tokens, conv head, adaptive_attention_fusion)"
-    obj = read_torch_file(path, "--init", f"expected {what}")
+    if obj is None:
+        obj = read_torch_file(path, "--init", f"expected {what}")
     sd = _state_dict_of(obj, path, what)
     if model is None:
         needed = ["cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight",

@@ -111,11 +111,12 @@ def fill_colour(fill, device=None):
     return torch.tensor(clip.MEAN if fill == "mean" else (0.0, 0.0, 0.0), device=device)
 
 
-def soft_masks(cams, resolution):
-    """M in [0, 1]: each CAM resized (bilinear) to the CLIP input and min-max normalised per map."""
+def soft_masks(cams, resolution, align_corners=False, eps=1e-5):
+    """M in [0, 1]: each CAM resized (bilinear) to the CLIP input and min-max normalised per map (the
+    resize's corners and the eps are S's: network.mask_style)."""
     m = F.interpolate(cams.unsqueeze(1).float(), size=(resolution, resolution), mode="bilinear",
-                      align_corners=False)
-    return minmax(m)
+                      align_corners=align_corners)
+    return minmax(m, eps)
 
 
 def minmax(m, eps=1e-5):
@@ -124,16 +125,17 @@ def minmax(m, eps=1e-5):
     return (m - lo) / (hi - lo + eps)
 
 
-def masked_pairs(images, cams, labels, resolution, fill="mean"):
+def masked_pairs(images, cams, labels, resolution, fill="mean", align_corners=False, eps=1e-5):
     """One CLIP sample per (image, present class) pair: X^f = M * X and X^b = (1 - M) * X.
 
     `fill` is what the masked-out pixels become. 'mean' (default): CLIP's mean colour, i.e. the mask
     multiplies the *normalised* image, as CLIMS and the authors' release do; a removed region then looks
     like a flat grey backdrop, not like a black scene. 'black': the mask multiplies the raw pixels.
+    `align_corners`, `eps`: how S's CAMs become masks (soft_masks; network.mask_style gives S's).
     Returns (X^f [P,3,r,r], X^b [P,3,r,r] in [0, 1], class index k [P], image index b [P], M [P,1,r,r])."""
     f = fill_colour(fill, images.device).view(1, 3, 1, 1)
     b, k = labels.nonzero(as_tuple=True)
-    m = soft_masks(cams[b, k], resolution)
+    m = soft_masks(cams[b, k], resolution, align_corners, eps)
     x = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)[b]
     return m * x + (1 - m) * f, (1 - m) * x + m * f, k, b, m
 

@@ -1,14 +1,24 @@
-"""The mask generator S: a backbone (a dilated torchvision ResNet, or a tiny one for the toy world), a 1x1
-classifier, one class activation map per class, and optional category clusters (arXiv 2412.13823)."""
+"""The mask generator S, either of two families:
+* a CAM network (CLIMS's): a backbone (a dilated torchvision ResNet, or a tiny one for the toy world), a 1x1
+  classifier, one class activation map per class, and optional category clusters (arXiv 2412.13823);
+* WeakTr's DeiT-S (the paper's S; semples/deit.py): K class tokens, a 3x3 conv head, the adaptive attention
+  fusion; its CAM is the fine CAM. `deit_toy` is the same design, small, for the toy world on CPU.
+Both take images in [0, 1] and return CAMs [B, K, h, w]; a stage rebuilds S from a checkpoint alone."""
 import torch
 import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock
 
-from semples.runtime import load_checkpoint, read_torch_file
+from semples import deit
+from semples.runtime import check_checkpoint, read_torch_file
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-BACKBONES = ("resnet50", "resnet101", "resnet18", "resnet34", "tiny")
+RESNETS = ("resnet50", "resnet101", "resnet18", "resnet34", "tiny")
+# WeakTr's DeiT-S, and a small one of the same design for the toy world's 96 px images on CPU: 8 px patches
+# (a 12 x 12 grid, as fine as the tiny ResNet's stride 8), 4 blocks of width 96 with 4 heads (16 attention maps).
+DEITS = {"deit_s": deit.DEIT_S,
+         "deit_toy": dict(deit.DEIT_S, img_size=96, patch_size=8, embed_dim=96, depth=4, num_heads=4)}
+BACKBONES = RESNETS + tuple(DEITS)
 
 
 
@@ -39,7 +49,7 @@ def build_backbone(name, output_stride):
     """Returns (feature extractor, channels). torchvision ResNets are dilated to `output_stride`."""
     if name == "tiny":
         return _tiny_backbone()
-    if name not in BACKBONES:
+    if name not in RESNETS:
         raise ValueError(f"--backbone {name} unknown; choose from {BACKBONES}")
     if output_stride not in (8, 16, 32):
         raise ValueError(f"--output_stride must be 8, 16 or 32, got {output_stride}")
@@ -92,6 +102,10 @@ class MaskGenerator(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.frozen_backbone = False
 
+    def head_parameters(self):
+        """The 1x1 classifier(s): what --train head trains (train_cam.py's --head_lr_mult applies to them)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
+
     def set_trainable(self, part):
         """'all', or 'head': only the 1x1 classifier (and the clusters' 1x1 layer, if any) trains, on the
         fixed features of the CAM network (the authors' release detaches the backbone features in (a), (c))."""
@@ -129,11 +143,69 @@ class MaskGenerator(nn.Module):
         return (cams, shared) if cluster_maps else cams
 
 
+class DeiTMaskGenerator(nn.Module):
+    """S as WeakTr's DeiT (semples/deit.py): image in [0, 1] -> fine CAM [B, K, H/p, W/p] (>= 0), the map every
+    stage turns into masks; forward(x, logits=True) -> the three [B, K] logits (class tokens, coarse CAM, fine
+    CAM) that train_cam.py's three soft-margin losses train. `self.net` is WeakTr's module, key for key."""
+
+    def __init__(self, backbone, num_classes, clusters=None):
+        super().__init__()
+        if clusters:
+            raise ValueError(f"--clusters works with the ResNet CAM networks only, not --backbone {backbone}")
+        self.clusters = None
+        self.net = deit.DeiTS(num_classes, **DEITS[backbone])
+        self.net.norm.requires_grad_(False)  # never applied (as WeakTr): no gradient, and DDP must not wait for one
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def frozen_backbone(self):
+        return self.net.frozen_backbone
+
+    def head_parameters(self):
+        """The conv head and the fusion: what --train head trains (the release's stages a and c)."""
+        return self.net.head_parameters()
+
+    def set_trainable(self, part):
+        """'all' (WeakTr's CAM training) or 'head' (stages a, c: the transformer fixed, in eval mode)."""
+        self.net.set_trainable(part)
+        self.net.norm.requires_grad_(False)
+        return self
+
+    def forward(self, x, logits=False, cluster_maps=False):
+        if cluster_maps:
+            raise ValueError("this S has no clusters (train_cam.py --clusters, ResNet backbones only)")
+        x = (x - self.mean) / self.std
+        return self.net(x) if logits else self.net.forward_all(x)["fine_cam"]
+
+
+def new_mask_generator(backbone, num_classes, output_stride=16, clusters=None):
+    """An untrained S of either family."""
+    if backbone in DEITS:
+        return DeiTMaskGenerator(backbone, num_classes, clusters)
+    return MaskGenerator(backbone, num_classes, output_stride, clusters)
+
+
+def mask_style(backbone, stage):
+    """How masked_pairs turns S's CAMs into soft masks, as the authors' release does for each S: DeiT's fine
+    CAM (a 14 x 14 grid at 224) resized with align_corners=True and min-max normalised with eps 0.1 in stages (a)
+    and (c) (so a map whose range is below ~0.1 stays dim instead of being stretched to 1) and 1e-4 in (b);
+    the ResNet CAMs (CLIMS's) with align_corners=False and eps 1e-5."""
+    if backbone in DEITS:
+        return dict(align_corners=True, eps=1e-4 if stage == "prompt" else 0.1)
+    return dict(align_corners=False, eps=1e-5)
+
+
 def build_mask_generator(backbone, num_classes, output_stride, init=None, clusters=None):
-    """A fresh S for train_cam.py; `init` is an ImageNet torchvision state-dict file (backbone only) or
-    None (random init, fine for the toy world); `clusters` a list of class-index lists, or None."""
-    S = MaskGenerator(backbone, num_classes, output_stride, clusters)
+    """A fresh S for train_cam.py; `init` is an ImageNet file or None (random init, fine for the toy world):
+    torchvision's ResNet state dict (backbone only), or for deit_s the DeiT authors' ImageNet file (class token
+    and position repeated per class, the 1000-way head dropped; semples/deit.py); `clusters` a list of
+    class-index lists, or None."""
+    S = new_mask_generator(backbone, num_classes, output_stride, clusters)
     if not init:
+        return S
+    if backbone in DEITS:
+        deit.load_imagenet_deit(S.net, init)
         return S
     obj = read_torch_file(init, "--init", "pass an ImageNet torchvision state-dict file, or nothing (random init)")
     if not (isinstance(obj, dict) and "conv1.weight" in obj):
@@ -143,15 +215,34 @@ def build_mask_generator(backbone, num_classes, output_stride, init=None, cluste
     return S
 
 
+def from_weaktr(obj, path, class_names):
+    """A WeakTr CAM checkpoint ({'model': state dict}, hustvl/WeakTr's release) as our stage checkpoint of a
+    finished deit_s S at 224 px, for the dataset's classes (the file has no names: its class count must match)."""
+    if class_names is None:
+        raise ValueError(f"{path} is a WeakTr checkpoint: it needs the dataset's class names")
+    S = DeiTMaskGenerator("deit_s", len(class_names))
+    deit.load_weaktr_checkpoint(path, S.net, obj=obj)
+    return {"kind": "mask_generator", "stage": "weaktr", "model": S.state_dict(), "epoch": obj.get("epoch"),
+            "done": True, "num_classes": len(class_names), "class_names": list(class_names), "clusters": None,
+            "args": {"backbone": "deit_s", "output_stride": 16, "size": deit.DEIT_S["img_size"], "weaktr": path}}
+
+
 def load_mask_generator(path, device, flag="--checkpoint", class_names=None):
-    """Rebuild S from a finished stage checkpoint alone (the architecture is in the checkpoint's args); with
-    `class_names`, refuse a checkpoint trained for other classes (names and order, not only the count)."""
-    ckpt = load_checkpoint(path, "mask_generator", flag, finished=True)
+    """Rebuild S from a finished stage checkpoint alone (the architecture is in the checkpoint's args), or from
+    a WeakTr CAM checkpoint (from_weaktr: stage (a) may start from WeakTr's released CAM network, as the
+    authors' release does); with `class_names`, refuse a checkpoint trained for other classes (names and order,
+    not only the count)."""
+    obj = read_torch_file(path, flag, "run the stage that writes it first (see README), or point the flag at an "
+                                      "existing checkpoint")
+    if isinstance(obj, dict) and "kind" not in obj and deit.is_weaktr(obj):
+        ckpt = from_weaktr(obj, path, class_names)
+    else:
+        ckpt = check_checkpoint(obj, path, "mask_generator", flag, finished=True)
     if class_names is not None and ckpt["class_names"] != list(class_names):
         raise ValueError(f"{flag} {path} was trained for classes {ckpt['class_names'][:4]}... "
                          f"({ckpt['num_classes']}), the dataset has {list(class_names)[:4]}... ({len(class_names)})")
     a = ckpt["args"]
-    S = MaskGenerator(a["backbone"], ckpt["num_classes"], a["output_stride"], ckpt.get("clusters"))
+    S = new_mask_generator(a["backbone"], ckpt["num_classes"], a["output_stride"], ckpt.get("clusters"))
     S.load_state_dict(ckpt["model"])
     return S.to(device).eval(), ckpt
 

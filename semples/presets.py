@@ -4,6 +4,8 @@ A stage's argparse defaults are the paper's VOC values (or the authors' release'
 silent); `--dataset NAME` then applies this table's row for NAME, and a flag given on the command line wins.
 So a row holds only what differs from those defaults. COCO's values are the paper's; every toy value was
 measured on the toy world, each with its reason here and its measurement in docs/toy.md (section named).
+A row "NAME/deit" is applied on top of NAME's when S is a DeiT (train_cam.py --backbone deit_s / deit_toy):
+WeakTr's recipe. Stages (a)-(c) need no such row: the release's values (the VOC defaults) are the DeiT S's.
 
 `python -m semples.presets` prints the table.
 """
@@ -39,6 +41,16 @@ STAGES = {
         # (docs/toy.md, "The CAM network").
         "toy": dict(out="out/toy/cam", backbone="tiny", output_stride=8, size=96, batch_size=32, epochs=6, lr=0.032,
                     workers=1, optimizer="adamw", head_lr_mult=1.0, weight_decay=0.03),
+        # WeakTr's CAM network (hustvl/WeakTr): AdamW 6e-4 x batch/512, weight decay 0.03 on every parameter, 60
+        # epochs, 5 of warm-up, cosine down to 1e-5, batch 64, 224 crops with DeiT's augmentation
+        "voc/deit": dict(out="out/voc_deit/cam", size=224, optimizer="adamw", lr=6e-4, weight_decay=0.03, epochs=60,
+                         batch_size=64, head_lr_mult=1.0, warmup_epochs=5, min_lr=1e-5, augment="deit"),
+        "coco/deit": dict(out="out/coco_deit/cam", size=224, optimizer="adamw", lr=2e-4,  # WeakTr's COCO lr
+                          weight_decay=0.03, epochs=60, batch_size=64, head_lr_mult=1.0, warmup_epochs=5, min_lr=1e-5,
+                          augment="deit"),
+        # The toy's small DeiT from random weights (no ImageNet here), with WeakTr's schedule shape
+        "toy/deit": dict(out="out/toy_deit/cam", backbone="deit_toy", epochs=15, lr=0.016, warmup_epochs=1,
+                         augment="flip"),
     },
     "train_match": {
         "voc": dict(out="out/voc/match", init="out/voc/cam/checkpoint.pt"),
@@ -71,7 +83,6 @@ STAGES = {
                      scales="1.0,0.8,1.2",  # the release's COCO scales
                      store_scale=0.5),  # COCO's 82k CAM files: ~27 GB at half resolution instead of ~100 GB
         "toy": dict(checkpoint="out/toy/refine/checkpoint.pt", out="out/toy/pseudo",
-                    bg_threshold=0.45,  # fixed by one developers' sweep, not GT at run time (docs/toy.md, "Threshold")
                     batch_size=64),  # 96 px images: more per forward pass on CPU
     },
     "train_seg": {
@@ -87,9 +98,23 @@ STAGES = {
     "report": {"voc": dict(out="out/voc"), "coco": dict(out="out/coco"), "toy": dict(out="out/toy")},
     "ablate": {d: dict(out=f"out/{d}_ablate") for d in DATASETS},  # + lambda_refine, below
     "compare_clusters": {d: dict(out=f"out/{d}_clusters") for d in DATASETS},
-    "bench": {"voc": dict(json="out/bench/voc.json"), "coco": dict(json="out/bench/coco.json"),
-              "toy": dict(json="out/bench/toy.json", steps=2, images=4, pairs=64)},
+    "bench": {"toy": dict(steps=2, images=4, pairs=64)},
 }
+
+# make_pseudo.py's background threshold where --bg_threshold is not given. It belongs to S's CAMs, so it is
+# picked by the family of the S that made them (read from the checkpoint, or the CAM files' record).
+BG_THRESHOLD = {
+    "resnet": {"voc": 0.15, "coco": 0.15,  # IRN's and CLIMS's CAM threshold for the ResNet-50 CAM family
+               "toy": 0.45},  # fixed by one developers' sweep, not GT at run time (docs/toy.md, "Threshold")
+    "deit": {"voc": 0.43, "coco": 0.42,  # WeakTr's documented values for its DeiT-S CAMs
+             "toy": 0.43},  # WeakTr's VOC value, not swept on the toy world
+}
+
+
+def bg_threshold(dataset, backbone):
+    """The background threshold of CAMs made by an S with this backbone (BG_THRESHOLD)."""
+    return BG_THRESHOLD["deit" if backbone.startswith("deit") else "resnet"][dataset]
+
 
 for _d in DATASETS:  # the ablation's "all" row is stage (c) at its preset lambda
     STAGES["ablate"][_d]["lambda_refine"] = STAGES["train_refine"][_d]["lambda_refine"]
@@ -97,10 +122,13 @@ for _d in DATASETS:  # the ablation's "all" row is stage (c) at its preset lambd
 
 def of(stage):
     """The presets of one stage or tool: {dataset: {flag: value}}, the dataset's locations included."""
-    return {name: {**DATASETS[name], **STAGES[stage].get(name, {})} for name in DATASETS}
+    rows = {name: {**DATASETS[name], **STAGES[stage].get(name, {})} for name in DATASETS}
+    return {**rows, **{name: row for name, row in STAGES[stage].items() if "/" in name}}  # "NAME/deit": on top of NAME
 
 
 if __name__ == "__main__":
     for stage, rows in STAGES.items():
         for dataset, values in rows.items():
             print(f"{stage:16s} {dataset:5s} " + " ".join(f"--{k} {v}" for k, v in values.items()))
+    for family, values in BG_THRESHOLD.items():
+        print(f"{'make_pseudo':16s} {family} S, --bg_threshold: " + ", ".join(f"{d} {v}" for d, v in values.items()))

@@ -81,15 +81,21 @@ def parse_args(parser, presets, argv=None):
     """Parse `argv` with per-dataset defaults: `presets[name]` is a dict of flag defaults for each of
     voc/coco/toy; flags given on the command line always win over the preset. `--dataset NAME --help`
     shows NAME's defaults, and the help ends with every preset's values."""
-    parser.add_argument("--dataset", type=str, default="voc", choices=sorted(presets),
+    parser.add_argument("--dataset", type=str, default="voc", choices=sorted(k for k in presets if "/" not in k),
                         help="preset of per-dataset defaults (paper's VOC/COCO settings, or the toy world); "
                              "`--dataset NAME --help` shows NAME's defaults")
+    flags = {a.dest for a in parser._actions}
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --dataset alone, before --help runs
     pre.add_argument("--dataset", type=str, default="voc")
+    if "backbone" in flags:  # a row "NAME/deit" holds the DeiT S's recipe (train_cam.py --backbone deit_s)
+        pre.add_argument("--backbone", type=str, default=None)
     known, _ = pre.parse_known_args(argv)
-    flags = {a.dest for a in parser._actions}
     parser.epilog = presets_help(presets, flags)
-    parser.set_defaults(**{k: _repo_path(v) for k, v in presets.get(known.dataset, presets["voc"]).items()})
+    row = presets.get(known.dataset, presets["voc"])
+    backbone = getattr(known, "backbone", None) or row.get("backbone", "")
+    if backbone.startswith("deit"):
+        row = {**row, **presets.get(f"{known.dataset}/deit", {})}
+    parser.set_defaults(**{k: _repo_path(v) for k, v in row.items()})
     args = parser.parse_args(argv)
     for k, v in vars(args).items():
         if isinstance(v, str) and "{data}" in v:
@@ -264,11 +270,12 @@ def poly_lr(base_lr, step, total_steps, power=0.9):
     return base_lr * (1 - step / total_steps) ** power
 
 
-def cosine_lr(base_lr, step, total_steps, warmup_steps=0):
+def cosine_lr(base_lr, step, total_steps, warmup_steps=0, min_lr=0.0):
+    """Linear warm-up to base_lr over `warmup_steps`, then cosine from base_lr down to min_lr."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,6 +429,11 @@ def load_checkpoint(path, kind, flag="--init", finished=False):
     (killed, or --stop_after): an input to the next stage must be a finished result, not a snapshot."""
     ckpt = read_torch_file(path, flag, "run the stage that writes it first (see README), or point the flag at "
                                        "an existing checkpoint")
+    return check_checkpoint(ckpt, path, kind, flag, finished)
+
+
+def check_checkpoint(ckpt, path, kind, flag="--init", finished=False):
+    """load_checkpoint's checks on a dict already read from `path`."""
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} (flag {flag}) holds '{found}', expected a '{kind}' checkpoint")

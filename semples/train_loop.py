@@ -89,12 +89,14 @@ def cached_features(S, cache, x, index, data):
     return torch.stack([cache[key] for key in keys])
 
 
-def train(args, objective, stage, S=None, extra=None, extra_lr=None, cluster_maps=False, mean_over="images"):
+def train(args, objective, stage, S=None, extra=None, extra_lr=None, outputs=None, mean_over="images"):
     """Train S (built by the caller, or rebuilt from the --init checkpoint) with `objective` for
     args.epochs. `extra`: another module trained alongside S at `extra_lr` (the prompts, in joint
-    training); saved in the checkpoint as "extra". `cluster_maps`: the objective gets (CAMs, cluster maps)
-    instead of the CAMs. `mean_over`: what the objective's loss and terms are means over, "images" or
-    "pairs" (MEAN_OVER). Writes OUT/checkpoint.pt every epoch; returns its path."""
+    training); saved in the checkpoint as "extra". `outputs`: keyword arguments of S's forward that make the
+    objective get other outputs than the CAMs (train_cam.py: cluster_maps=True, or a DeiT S's logits=True).
+    `mean_over`: what the objective's loss and terms are means over, "images" or "pairs" (MEAN_OVER). Optional
+    args the stages may set: optimizer, head_lr_mult, warmup_epochs, min_lr, augment, train, cache_features.
+    Writes OUT/checkpoint.pt every epoch; returns its path."""
     device, rank, world, log, ckpt_path, names = begin(args)
     K = len(names)
     if S is None:
@@ -104,8 +106,10 @@ def train(args, objective, stage, S=None, extra=None, extra_lr=None, cluster_map
     S.set_trainable(getattr(args, "train", "all"))
     S = S.to(device)
     # (image index, flipped) -> features of the frozen backbone; only a frozen backbone's features can be kept
-    cache = {} if getattr(args, "cache_features", False) and S.frozen_backbone else None
-    data = datasets.ClsDataset(args.data, args.split, K, args.size, augment=True, seed=args.seed)
+    # (a DeiT S has no feature cache: its fixed part is the whole transformer, attention maps included)
+    cache = {} if getattr(args, "cache_features", False) and S.frozen_backbone and hasattr(S, "features") else None
+    data = datasets.ClsDataset(args.data, args.split, K, args.size, augment=getattr(args, "augment", "flip"),
+                               seed=args.seed)
     args.data_key = data.key  # resume only on the same data
     if data.left_out:
         log(data.note(args.split))
@@ -115,8 +119,9 @@ def train(args, objective, stage, S=None, extra=None, extra_lr=None, cluster_map
     if len(loader) == 0:
         raise ValueError(f"--batch_size {args.batch_size} is larger than the {len(data)} images of '{args.split}'")
     sgd = getattr(args, "optimizer", "adamw") == "sgd"  # train_cam.py's VOC/COCO recipe (IRN's); else AdamW
-    head = [p for n, p in S.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
-    body = [p for n, p in S.named_parameters() if p.requires_grad and n.startswith("backbone.")]
+    head_ids = {id(p) for p in S.head_parameters()}
+    head = [p for p in S.parameters() if p.requires_grad and id(p) in head_ids]
+    body = [p for p in S.parameters() if p.requires_grad and id(p) not in head_ids]
     groups = [{"params": body, "lr_scale": 1.0}, {"params": head, "lr_scale": getattr(args, "head_lr_mult", 1.0)}]
     if extra is not None:
         extra = extra.to(device)
@@ -142,6 +147,7 @@ def train(args, objective, stage, S=None, extra=None, extra_lr=None, cluster_map
 
     # AdamW: the release's lr, scaled by batch/512, cosine. SGD: IRN's lr as given (0.1 at batch 16), poly 0.9.
     base_lr, steps = (args.lr if sgd else args.lr * args.batch_size / 512), len(loader)
+    warmup, min_lr = getattr(args, "warmup_epochs", 0) * steps, getattr(args, "min_lr", 0.0)
     for epoch in range(start, args.epochs):
         sampler.set_epoch(epoch)
         data.epoch = epoch
@@ -149,12 +155,13 @@ def train(args, objective, stage, S=None, extra=None, extra_lr=None, cluster_map
         sums, t0 = {}, time.time()
         for it, (x, y, index) in enumerate(runtime.progress(loader, f"{stage} epoch {epoch + 1}", rank == 0)):
             step, total = epoch * steps + it, args.epochs * steps
-            lr = runtime.poly_lr(base_lr, step, total) if sgd else runtime.cosine_lr(base_lr, step, total)
+            lr = (runtime.poly_lr(base_lr, step, total) if sgd else
+                  runtime.cosine_lr(base_lr, step, total, warmup, min_lr))
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with runtime.autocast(device, args.amp):
-                kw = {"cluster_maps": True} if cluster_maps else {}
+                kw = outputs or {}
                 out = (model(x, **kw) if cache is None else
                        model(cached_features(S, cache, x, index, data), from_features=True, **kw))
                 loss, terms = objective(x, y, out)

@@ -165,3 +165,18 @@ def test_one_step_stage_c_joint(pipeline, seven, toy_world, tmp_path):
     single, double = one_step_both_ways("train_refine.py", flags, tmp_path)
     assert len(single["grads"]) == 2  # S's classifier and the prompts
     assert_same_step(single, double, "stage (c) joint")
+
+
+def test_deit_cam_network_under_torchrun_and_one_step_stage_a(seven, toy_world, tmp_path):
+    """WeakTr's DeiT-S as S (at 64 px: a 4 x 4 grid): its CAM network trains under DDP (the final norm, never
+    applied, takes no gradient), and one step of stage (a) (head and fusion on the fixed transformer) on 2
+    processes is one process's step."""
+    cam = tmp_path / "cam"
+    torchrun("train_cam.py", *FAST, "--data", seven, "--split", "seven", "--epochs", 1, "--backbone", "deit_s",
+             "--size", 64, "--batch_size", 7, "--augment", "flip", "--out", cam)
+    assert runtime.load_checkpoint(str(cam / "checkpoint.pt"), "mask_generator")["done"]
+    flags = FAST + ["--data", seven, "--split", "seven", "--clip", toy_world["clip"], "--batch_size", 7,
+                    "--epochs", 1, "--init", cam / "checkpoint.pt"]
+    single, double = one_step_both_ways("train_match.py", flags, tmp_path)
+    assert len(single["grads"]) == 8  # the 3x3 head (weight, bias), the fusion (2 layers with bias, 2 without)
+    assert_same_step(single, double, "stage (a), deit_s")

@@ -86,3 +86,12 @@ def test_seed_table_is_the_mean_and_std_over_seeds():
                                           "(60.00", "66.00)"]
     assert row["SemPLeS - control"].split()[:3] == ["-1.00", "+-", "0.00"]  # c minus control, per seed
     assert row["SemPLeS - stage (a)"].split()[:3] == ["1.00", "+-", "0.00"]
+    # --no-control and --seg: no control rows; the segmenter's row (without / with CRF)
+    for r in results.values():
+        del r["control"]
+        r["seg"] = {"val_miou": 70.0, "val_miou_crf": 75.0}
+    lines = seeds.table([1], [0, 2], results).splitlines()
+    row = {line[:34].strip(): line[35:] for line in lines[3:]}
+    assert "control (lambda 0)" not in row and "SemPLeS - control" not in row
+    assert row["segmenter, val (no CRF / CRF)"].split()[:3] == ["70.00", "+-", "0.00"]
+    assert row["segmenter, val (no CRF / CRF)"].split()[5:8] == ["75.00", "+-", "0.00"]

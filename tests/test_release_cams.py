@@ -12,7 +12,7 @@ import pytest
 
 import eval_miou
 import make_pseudo
-from semples import datasets, runtime
+from semples import datasets, presets, runtime
 from semples.cams import load_cams, save_cams
 from test_pseudo_eval import fake_checkpoint, make_root, mini_world
 
@@ -126,14 +126,19 @@ def made(tmp_path_factory):
     return {**w, "ckpt": ckpt, "out": tmp / "npz", "ids": datasets.read_ids(w["root"], "train_aug")}
 
 
-def test_make_pseudo_reads_release_files_like_npz(made, tmp_path):
-    """Our CAMs rewritten as the release's files: --cams DIR gives the masks of the npz, CRF and all."""
+def test_make_pseudo_reads_release_files_like_npz(made, tmp_path, capsys):
+    """Our CAMs rewritten as the release's files: --cams DIR gives the masks of the npz, CRF and all, at the same
+    threshold (given: files without our record are the release's, WeakTr's DeiT CAMs, whose threshold the
+    default is then)."""
     folder = tmp_path / "release"
     folder.mkdir()
     for n, i in enumerate(made["ids"]):
         cams, classes = load_cams(str(made["out"] / "cams" / f"{i}.npz"))
         save_release(str(folder / f"{i}.npy"), release_dict(cams, classes.tolist(), numpy_keys=n % 2 == 0))
-    make_pseudo.main(pseudo_args(made["root"], tmp_path / "out", "--cams", folder))
+    make_pseudo.main(pseudo_args(made["root"], tmp_path / "default", "--cams", folder))
+    assert "--bg_threshold 0.43, the preset of a deit_s S on toy" in capsys.readouterr().out
+    threshold = ["--bg_threshold", presets.bg_threshold("toy", "tiny")]  # the S that made the npz
+    make_pseudo.main(pseudo_args(made["root"], tmp_path / "out", "--cams", folder, *threshold))
     want = masks_of(made["out"] / "masks", made["ids"])
     got = masks_of(tmp_path / "out" / "masks", made["ids"])
     assert all((got[i] == want[i]).all() for i in made["ids"])
@@ -141,10 +146,10 @@ def test_make_pseudo_reads_release_files_like_npz(made, tmp_path):
     # the same threshold again: kept; a touched file: its mask is redone
     first = tmp_path / "out" / "masks" / f"{made['ids'][0]}.png"
     before = os.path.getmtime(first)
-    make_pseudo.main(pseudo_args(made["root"], tmp_path / "out", "--cams", folder))
+    make_pseudo.main(pseudo_args(made["root"], tmp_path / "out", "--cams", folder, *threshold))
     assert os.path.getmtime(first) == before
     os.utime(folder / f"{made['ids'][0]}.npy", (1, 1))
-    make_pseudo.main(pseudo_args(made["root"], tmp_path / "out", "--cams", folder))
+    make_pseudo.main(pseudo_args(made["root"], tmp_path / "out", "--cams", folder, *threshold))
     assert os.path.getmtime(first) != before
 
 

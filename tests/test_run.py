@@ -209,6 +209,7 @@ def test_run_sh_checks_before_any_step(tmp_path):
     refused(run_sh("--toy", toy, "--init", tmp_path / "r50.pth"), f"--init file {tmp_path}/r50.pth not found")
     refused(run_sh("--toy", toy, "--seg_init", tmp_path / "r101.pth"), f"--seg_init file {tmp_path}/r101.pth not found")
     refused(run_sh("--toy", toy, "--clip", tmp_path / "ViT-B-32.pt"), f"--clip file {tmp_path}/ViT-B-32.pt not found")
+    refused(run_sh("--toy", toy, "--backbone", "deit_b"), "--backbone deit_b unknown", "deit_s")
     voc = tmp_path / "VOC2012"
     voc.mkdir()
     refused(run_sh("--voc", voc, "--clip", "ViT-B/32"), "--seg_init FILE", "--no-seg")  # the segmenter needs ImageNet
@@ -220,6 +221,11 @@ def test_run_sh_checks_before_any_step(tmp_path):
     # a model name is not a file: --voc with ViT-B/32 passes the checks (--dry-run: runs nothing)
     proc = run_sh("--voc", voc, "--clip", "ViT-B/32", "--no-seg", "--dry-run", "--device", "cpu")
     assert proc.returncode == 0 and "== cam (dry run, not run): " in proc.stdout, proc.stdout + proc.stderr
+    # --backbone reaches the CAM network only (the later stages read S from its checkpoint)
+    proc = run_sh("--voc", voc, "--clip", "ViT-B/32", "--no-seg", "--dry-run", "--device", "cpu", "--backbone", "deit_s")
+    cam = [line for line in proc.stdout.splitlines() if line.startswith("== cam ")]
+    assert proc.returncode == 0 and cam and cam[0].endswith("--backbone deit_s"), proc.stdout + proc.stderr
+    assert sum("--backbone" in line for line in proc.stdout.splitlines() if line.startswith("== ")) == 1
 
 
 def test_run_sh_data_runs_a_users_folder_with_the_voc_recipe(tmp_path):

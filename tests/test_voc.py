@@ -114,3 +114,38 @@ def test_voc_preset_runs_end_to_end_on_real_photos(voc, tmp_path):
         with Image.open(os.path.join(voc["root"], "JPEGImages", f"{i}.jpg")) as photo:
             assert m.shape == photo.size[::-1]
         assert set(np.unique(m).tolist()) <= {0, *voc["classes"]}
+
+
+def test_voc_deit_s_runs_end_to_end_on_real_photos(voc, tmp_path):
+    """The paper's S, `run.sh --backbone deit_s`, on the same photos: WeakTr's DeiT-S at 224 from a DeiT ImageNet
+    file (random weights in the DeiT authors' format), its recipe's presets, masks from the fine CAM, CAMs at each
+    image's own size and scales 1.0 and 1.2, WeakTr's threshold 0.43."""
+    from semples import deit
+    torch.manual_seed(0)
+    sd = {k: v for k, v in deit.DeiTS(num_classes=1).state_dict().items()
+          if not k.startswith(("head.", "adaptive_attention_fusion."))}
+    init = tmp_path / "deit_small_patch16_224-cd65a155.pth"
+    torch.save({"model": {**sd, "head.weight": torch.randn(1000, 384), "head.bias": torch.zeros(1000)}}, init)
+    out = tmp_path / "out"
+    env = {**os.environ, **SHRINK, "PYTHON": sys.executable}
+    cmd = ["bash", os.path.join(REPO, "run.sh"), "--voc", voc["root"], "--clip", voc["clip"], "--out", str(out),
+           "--device", "cpu", "--backbone", "deit_s", "--init", str(init), "--seg_init", voc["seg_init"]]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["backbone"] == "deit_s" and 0 <= results["segmenter_val_miou"] <= 100
+    cam = runtime.load_checkpoint(str(out / "cam" / "checkpoint.pt"), "mask_generator")
+    a = cam["args"]
+    assert (a["backbone"], a["size"], a["optimizer"], a["lr"], a["augment"], a["warmup_epochs"]) == \
+        ("deit_s", 224, "adamw", 6e-4, "deit", 5)
+    assert cam["model"]["net.head.weight"].shape == (20, 384, 3, 3)
+    assert cam["model"]["net.pos_embed"].shape == (1, 20 + 196, 384)  # 20 class tokens, the 14 x 14 grid
+    refine = runtime.load_checkpoint(str(out / "refine" / "checkpoint.pt"), "mask_generator")
+    moved = {k for k, v in refine["model"].items() if not torch.equal(v, cam["model"][k])}
+    assert moved and all(k.startswith(("net.head.", "net.adaptive_attention_fusion.")) for k in moved), moved
+    log = (out / "pseudo" / "log.txt").read_text()
+    assert "--bg_threshold 0.43, the preset of a deit_s S on voc" in log
+    for i in voc["ids"]:
+        with np.load(out / "pseudo" / "cams" / f"{i}.npz") as z:
+            meta = json.loads(str(z["meta"]))
+        assert meta["size"] is None and meta["scales"] == [1.0, 1.2] and meta["backbone"] == "deit_s"

@@ -3,17 +3,21 @@
     python tools/bench.py --device cuda                                   # paper batch sizes, bf16 and fp32 (GPU)
     python tools/bench.py --device cpu --batch 2 --batch_b 16             # the CPU table of docs/log.md (2 cores)
     python tools/bench.py --dataset toy --device cpu                      # toy shapes, seconds (the smoke test's)
+    python tools/bench.py --device cuda --backbone deit                   # S = WeakTr's DeiT-S (the paper's)
 
 Random weights and synthetic data of the dataset's image size (speed does not depend on the values);
 `--dataset voc` (default) and `coco` time the paper's shapes, `toy` the toy world's. Measured:
-- stage (a) and (c) step: ResNet-50 S at 448 (output stride 16, `--train head` as the default) and ViT-B/32 at
-  224; `--batch` images with `--classes` present classes each (VOC train_aug averages 1.5); forward, L_match
-  (+ L_refine), backward, AdamW step. Milliseconds per step (median of --steps) and peak memory
-  (CUDA: max allocated; CPU: the process's peak RSS so far, a ceiling);
+- CAM network step (train_cam.py: all of S trains; `--backbone deit`: WeakTr's three losses) at `--batch` images;
+- stage (a) and (c) step: ResNet-50 S at 448 (output stride 16, `--train head` as the default; `--backbone deit`:
+  DeiT-S at 224, head and fusion train, masks from the fine CAM) and ViT-B/32 at 224; `--batch` images with
+  `--classes` present classes each (VOC train_aug averages 1.5); forward, L_match (+ L_refine), backward, AdamW
+  step. Milliseconds per step (median of --steps) and peak memory (CUDA: max allocated; CPU: the process's peak
+  RSS so far, a ceiling);
 - stage (b): one epoch over VOC train_aug's ~15,900 (image, class) pairs at --batch_b pairs per step, with the
   background cache (prompts through the text encoder, L_prompt) and without it (S and the CLIP image encoder
   on every step as well), extrapolated from --steps steps;
-- make_pseudo: CAMs (scales 1.0, 1.2, each with its flip) of 500x375 images, images/s; dense CRF and PNG
+- make_pseudo: CAMs (scales 1.0, 1.2, each with its flip) of 500x375 images (a DeiT S at the image's own size,
+  as WeakTr), images/s; dense CRF and PNG
   writing per image with 1 and --workers processes, images/s;
 - eval_miou: --pairs (prediction, ground truth) PNG pairs of 500x375 (VOC val: 1,449), with 0 and --workers
   processes, seconds.
@@ -38,7 +42,7 @@ from semples import datasets, presets, runtime
 from semples.cams import CRF_DEFAULTS, CRF_GT_PROB, multiscale_cams, pseudo_mask
 from semples.method import L_match, L_prompt, L_refine, Prompts, encode_images, masked_pairs
 from semples.metrics import evaluate
-from semples.network import MaskGenerator
+from semples.network import mask_style, new_mask_generator
 
 VIT_B_32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
                 context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
@@ -48,15 +52,21 @@ TINY_CLIP = dict(embed_dim=64, image_resolution=64, vision_layers=1, vision_widt
 SHAPES = {"voc": (20, (375, 500), 10_582, ("resnet50", 16, 448)),
           "coco": (80, (480, 640), 82_081, ("resnet50", 16, 448)),
           "toy": (8, (96, 96), 2_000, ("tiny", 8, 96))}
+DEIT_SHAPES = {"voc": ("deit_s", 16, 224), "coco": ("deit_s", 16, 224), "toy": ("deit_toy", 8, 96)}  # --backbone deit
 
 
 def build_parser():
     p = runtime.new_parser(__doc__)
     p.add_argument("--device", type=runtime.device_name, default=runtime.default_device(), help="cuda, cuda:1 or cpu")
-    p.add_argument("--json", type=str, default=None, help="where to write the figures (preset: out/bench/DATASET.json)")
+    p.add_argument("--json", type=str, default=None,
+                   help="where to write the figures (default: out/bench/DATASET.json; DATASET_deit.json with "
+                        "--backbone deit)")
     p.add_argument("--precision", type=str, nargs="+", default=["bf16", "fp32"], choices=("bf16", "fp32"),
                    help="bf16 autocast and/or fp32 (bf16 is CUDA only; skipped on CPU)")
-    p.add_argument("--batch", type=runtime.positive_int, default=64, help="images per stage (a)/(c) step (paper: 64)")
+    p.add_argument("--backbone", type=str, default="resnet", choices=("resnet", "deit"),
+                   help="S: the ResNet CAM network (CLIMS's) or WeakTr's DeiT-S (the paper's; deit_toy on toy)")
+    p.add_argument("--batch", type=runtime.positive_int, default=64,
+                   help="images per CAM network and stage (a)/(c) step (paper: 64)")
     p.add_argument("--batch_b", type=runtime.positive_int, default=128, help="pairs per stage (b) step (release: 128)")
     p.add_argument("--classes", type=runtime.positive_float, default=1.5, help="present classes per image")
     p.add_argument("--steps", type=runtime.positive_int, default=5, help="timed steps (after one warm-up step)")
@@ -107,7 +117,31 @@ def labels(batch, classes, K, g):
     return y
 
 
-def bench_training(args, device, amp, S, clip_model, size, res):
+def bench_cam_network(args, device, amp, backbone, stride, size):
+    """One step of train_cam.py: all of S trains (a DeiT S on WeakTr's three logits, a ResNet on its pooled CAMs)."""
+    K = SHAPES[args.dataset][0]
+    g = torch.Generator().manual_seed(args.seed)
+    S = new_mask_generator(backbone, K, stride).to(device).train()
+    x = torch.rand(args.batch, 3, size, size, generator=g).to(device)
+    y = labels(args.batch, args.classes, K, g).to(device)
+    opt = torch.optim.AdamW([p for p in S.parameters() if p.requires_grad], lr=1e-5)
+    deit = backbone.startswith("deit")
+
+    def step():
+        with runtime.autocast(device, amp):
+            logits = S(x, logits=True) if deit else [S(x).float().mean((2, 3))]
+            loss = sum(F.multilabel_soft_margin_loss(o.float(), y) for o in logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    reset_peak(device)
+    out = {"cam_network_ms_per_step": 1000 * timed(step, args.steps, device),
+           "cam_network_peak_gib": peak_memory_gib(device)}
+    del S, opt
+    return out
+
+
+def bench_training(args, device, amp, S, backbone, clip_model, size, res):
     """Stages (a), (c) and (b) on one device at one precision."""
     K, _, n_images, _ = SHAPES[args.dataset]
     g = torch.Generator().manual_seed(args.seed)
@@ -120,7 +154,7 @@ def bench_training(args, device, amp, S, clip_model, size, res):
     for stage in ("a", "c"):
         def step():
             with runtime.autocast(device, amp):
-                X_f, X_b, k, _, _ = masked_pairs(x, S(x), y, res)
+                X_f, X_b, k, _, _ = masked_pairs(x, S(x), y, res, **mask_style(backbone, "match"))
                 v_f, v_b = encode_images(clip_model, torch.cat([X_f, X_b])).chunk(2)
                 loss = L_match(v_f, v_b, u_f[k], 2.4)[0] + (0.05 * L_refine(v_f, u_b[k]) if stage == "c" else 0)
             opt.zero_grad(set_to_none=True)
@@ -143,7 +177,7 @@ def bench_training(args, device, amp, S, clip_model, size, res):
                 vb = v_b
                 if not cached:
                     with torch.no_grad():
-                        _, X_b, _, _, _ = masked_pairs(xb, S(xb), yb, res)
+                        _, X_b, _, _, _ = masked_pairs(xb, S(xb), yb, res, **mask_style(backbone, "prompt"))
                         vb = encode_images(clip_model, X_b)[:args.batch_b].float()
                 loss = L_prompt(prompts(clip_model)[k[:len(vb)]], vb, u_f[k[:len(vb)]], 0.02)[0]
             p_opt.zero_grad(set_to_none=True)
@@ -174,8 +208,9 @@ def bench_cams(args, device, amp, S, size, h, w):
     """make_pseudo's CAMs of one image (scales 1.0 and 1.2, each with its flip) on the device."""
     g = torch.Generator().manual_seed(args.seed)
     x = (255 * torch.rand(1, h, w, 3, generator=g)).to(torch.uint8)
+    reset_peak(device)
     return {"cams_img_per_s": 1 / timed(lambda: multiscale_cams(S, x, (1.0, 1.2), size, device, amp), args.steps,
-                                        device)}
+                                        device), "cams_peak_gib": peak_memory_gib(device)}
 
 
 def bench_crf(args, device, tmp, h, w):
@@ -216,8 +251,12 @@ def bench_eval(args, tmp, h, w):
 def main(args):
     device, _, _ = runtime.setup_device(args.device)
     torch.manual_seed(args.seed)
+    args.json = args.json or os.path.join(runtime.REPO, "out", "bench",
+                                          f"{args.dataset}{'_deit' if args.backbone == 'deit' else ''}.json")
     K, (h, w), n_images, (backbone, stride, size) = SHAPES[args.dataset]
-    S = MaskGenerator(backbone, K, stride).set_trainable("head").to(device)
+    if args.backbone == "deit":
+        backbone, stride, size = DEIT_SHAPES[args.dataset]
+    S = new_mask_generator(backbone, K, stride).set_trainable("head").to(device)
     clip_model = clip.model.CLIP(**(TINY_CLIP if args.dataset == "toy" else VIT_B_32)).float().to(device).eval()
     for p in clip_model.parameters():
         p.requires_grad_(False)
@@ -231,18 +270,23 @@ def main(args):
         shared = {**bench_crf(args, device, tmp, h, w), **bench_eval(args, tmp, h, w)}  # CPU work: once
         for prec in precisions:
             amp = prec == "bf16"
-            report["results"][prec] = {**bench_training(args, device, amp, S, clip_model, size, res),
-                                       **bench_cams(args, device, amp, S, size, h, w), **shared}
+            cam_size = None if backbone.startswith("deit") else size  # a DeiT S: each image at its own size
+            report["results"][prec] = {**bench_cam_network(args, device, amp, backbone, stride, size),
+                                       **bench_training(args, device, amp, S, backbone, clip_model, size, res),
+                                       **bench_cams(args, device, amp, S, cam_size, h, w), **shared}
     with runtime.atomic_path(args.json) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=1)
     for prec, r in report["results"].items():
         print(f"\nbench on {report['device']}, torch {report['torch']}, {prec}, {report['threads']} threads; "
               f"{report['shapes']}")
-        rows = [(f"stage ({s}) step, batch {args.batch}", f"{r[f'stage_{s}_ms_per_step']:.0f} ms",
-                 f"{r[f'stage_{s}_peak_gib']:.1f} GiB") for s in "ac"]
+        rows = [(f"CAM network step, batch {args.batch}", f"{r['cam_network_ms_per_step']:.0f} ms",
+                 f"{r['cam_network_peak_gib']:.1f} GiB")]
+        rows += [(f"stage ({s}) step, batch {args.batch}", f"{r[f'stage_{s}_ms_per_step']:.0f} ms",
+                  f"{r[f'stage_{s}_peak_gib']:.1f} GiB") for s in "ac"]
         rows += [(f"stage (b) epoch, {c}, {args.batch_b} pairs/step", f"{r[f'stage_b_epoch_s_{k}']:.1f} s", "")
                  for c, k in (("cache", "cached"), ("no cache", "uncached"))]
-        rows += [("make_pseudo CAMs, scales 1.0+1.2 with flips", f"{r['cams_img_per_s']:.1f} img/s", "")]
+        rows += [("make_pseudo CAMs, scales 1.0+1.2 with flips", f"{r['cams_img_per_s']:.1f} img/s",
+                  f"{r['cams_peak_gib']:.1f} GiB")]
         rows += [(f"make_pseudo CRF + PNG, {n.split('_')[-2]} worker(s)", f"{v:.1f} img/s", "")
                  for n, v in r.items() if n.startswith("crf_img_per_s")]
         rows += [(f"eval_miou, {args.pairs} pairs {h}x{w}, {n.split('_')[-2]} workers (start incl.)", f"{v:.1f} s", "")

@@ -3,12 +3,16 @@
 table of mean +- std over the seeds.
 
     python tools/seeds.py --worlds 0 1 2 --seeds 0 1 2 --out out/seeds      # about 2 hours on 2 cores
+    python tools/seeds.py --worlds 0 --seeds 0 1 2 --seg --out out/seeds_seg                   # + the segmenter
+    python tools/seeds.py --worlds 0 --seeds 0 1 2 --seg --backbone deit_toy --out out/seeds_deit  # a DeiT S
 
 World 0 is the default world (data/toy); world W > 0 is `tools/make_toy.py --seed W` in data/toy_wW. Each run is
-a plain `bash run.sh --toy DATA --seed S --out OUT/wW_sS --no-seg` with one thread (--jobs runs at once), so
+a plain `bash run.sh --toy DATA --seed S --out OUT/wW_sS --no-seg` (--seg: with the segmenter; --backbone NAME:
+train_cam.py's S) with one thread (--jobs runs at once), so
 run.sh's own step keys decide what is reused; the control reads that run's stage (a) and is keyed on its commands,
 the code they run and the stage (a) checkpoint. Writes OUT/seeds.json (every number) and prints the table.
 """
+import argparse
 import concurrent.futures
 import hashlib
 import json
@@ -32,6 +36,11 @@ def build_parser():
     p.add_argument("--seeds", type=runtime.nonnegative_int, nargs="+", default=[0, 1, 2], help="pipeline seeds")
     p.add_argument("--out", type=str, default=os.path.join(runtime.REPO, "out", "seeds"), help="output folder")
     p.add_argument("--jobs", type=runtime.positive_int, default=2, help="runs at once, one thread each")
+    p.add_argument("--backbone", type=str, default=None,
+                   help="run.sh --backbone: S of the CAM network (default: the toy preset's, the tiny ResNet)")
+    p.add_argument("--seg", action="store_true", help="train and score the segmenter too (rows without and with CRF)")
+    p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the control (lambda 0) too; --no-control leaves its rows out")
     return p
 
 
@@ -83,18 +92,24 @@ def control(data, seed, run):
         f.write(key)
 
 
-def one(w, seed, out):
+def one(w, seed, out, backbone=None, seg=False, with_control=True):
     run, data = os.path.join(out, f"w{w}_s{seed}"), world_dir(w)
     os.makedirs(run, exist_ok=True)
-    sh(["bash", "run.sh", "--toy", data, "--seed", str(seed), "--out", run, "--no-seg"], os.path.join(run, "run.log"))
-    control(data, seed, run)
+    flags = (["--backbone", backbone] if backbone else []) + ([] if seg else ["--no-seg"])
+    sh(["bash", "run.sh", "--toy", data, "--seed", str(seed), "--out", run, *flags], os.path.join(run, "run.log"))
+    if with_control:
+        control(data, seed, run)
     res = {}
-    for key, _, folder in ROWS:
+    for key, _, folder in ROWS if with_control else ROWS[:3]:
         with open(os.path.join(run, folder, "seed.json")) as f:
             s = json.load(f)["miou"]
         with open(os.path.join(run, folder, "mask.json")) as f:
             m = json.load(f)["miou"]
         res[key] = {"seed_miou": round(s, 2), "pseudo_miou": round(m, 2)}
+    if seg:
+        with open(os.path.join(run, "results.json")) as f:
+            r = json.load(f)
+        res["seg"] = {"val_miou": r["segmenter_val_miou"], "val_miou_crf": r["segmenter_val_miou_crf"]}
     return res
 
 
@@ -111,12 +126,18 @@ def table(worlds, seeds, results):
     for w in worlds:
         lines.append(f"world {w}" + (" (the default world)" if w == 0 else ""))
         runs = [results[f"w{w}_s{s}"] for s in seeds]
-        for key, name, _ in ROWS:
+        rows = [row for row in ROWS if all(row[0] in r for r in runs)]  # --no-control: no control rows
+        for key, name, _ in rows:
             lines.append(f"{name:34s} {cell([r[key]['seed_miou'] for r in runs]):36s} "
                           f"{cell([r[key]['pseudo_miou'] for r in runs])}")
         for other, name in (("a", "SemPLeS - stage (a)"), ("control", "SemPLeS - control")):
+            if not all(other in r for r in runs):
+                continue
             lines.append(f"{name:34s} {cell([r['c']['seed_miou'] - r[other]['seed_miou'] for r in runs]):36s} "
                           f"{cell([r['c']['pseudo_miou'] - r[other]['pseudo_miou'] for r in runs])}")
+        if all("seg" in r for r in runs):
+            lines.append(f"{'segmenter, val (no CRF / CRF)':34s} {cell([r['seg']['val_miou'] for r in runs]):36s} "
+                          f"{cell([r['seg']['val_miou_crf'] for r in runs])}")
     return "\n".join(lines)
 
 
@@ -128,10 +149,13 @@ def main(args):
            os.path.join(args.out, f"make_toy_w{w}.log"))
     jobs = [(w, s) for w in args.worlds for s in args.seeds]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {job: pool.submit(one, *job, args.out) for job in jobs}
+        futures = {job: pool.submit(one, *job, args.out, args.backbone, args.seg, args.control) for job in jobs}
         results = {f"w{w}_s{s}": futures[(w, s)].result() for w, s in jobs}
     with runtime.atomic_path(os.path.join(args.out, "seeds.json")) as tmp, open(tmp, "w") as f:
-        json.dump({"worlds": args.worlds, "seeds": args.seeds, "runs": results}, f, indent=1)
+        json.dump({"worlds": args.worlds, "seeds": args.seeds, "backbone": args.backbone, "seg": args.seg,
+                   "runs": results}, f, indent=1)
+    if args.backbone:
+        print(f"S: {args.backbone}")
     print(table(args.worlds, args.seeds, results))
     print(f"results: {os.path.join(args.out, 'seeds.json')}")
 
