@@ -54,7 +54,7 @@ def build_parser():
                         "deit_small_patch16_224-cd65a155.pth); none = random init")
     p.add_argument("--backbone", type=str, default="resnet50", choices=BACKBONES,
                    help="S: a ResNet CAM network (CLIMS's), or WeakTr's DeiT-S (deit_s; deit_toy: its small twin for "
-                        "the toy world), which brings its own presets (`--backbone deit_s --help` shows them)")
+                        "the toy world), with its own preset rows, NAME/deit (`--backbone deit_s --help` lists them)")
     p.add_argument("--output_stride", type=int, default=16, choices=(8, 16, 32),
                    help="output stride of a ResNet S (a DeiT's is its patch size)")
     p.add_argument("--size", type=runtime.positive_int, default=448, help="S input size (square)")

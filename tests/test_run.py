@@ -237,7 +237,7 @@ def test_run_sh_data_runs_a_users_folder_with_the_voc_recipe(tmp_path):
     import make_pseudo
     import train_cam
     import train_seg
-    from semples import datasets, runtime
+    from semples import datasets, presets, runtime
 
     data = tmp_path / "mine"
     (data / "ImageSets" / "Segmentation").mkdir(parents=True)
@@ -275,7 +275,7 @@ def test_run_sh_data_runs_a_users_folder_with_the_voc_recipe(tmp_path):
     cam = runtime.parse_args(train_cam.build_parser(), train_cam.PRESETS, ["--dataset", "voc", "--data", str(data)])
     assert (cam.backbone, cam.size) == ("resnet50", 448)
     pseudo = runtime.parse_args(make_pseudo.build_parser(), make_pseudo.PRESETS, ["--dataset", "voc", "--data", str(data)])
-    assert pseudo.bg_threshold == 0.15
+    assert pseudo.bg_threshold is None and presets.bg_threshold(pseudo.dataset, cam.backbone) == 0.15  # by S's family
     seg = runtime.parse_args(train_seg.build_parser(), train_seg.PRESETS, ["--dataset", "voc", "--data", str(data)])
     assert seg.backbone == "resnet101" and len(seg.test_scales) > 1
     assert datasets.read_class_names(str(data), "voc") == ["kiln", "barrow"]
