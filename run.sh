@@ -39,10 +39,11 @@
 # preset has one scale), without and then with the dense CRF (train_seg.py --checkpoint --crf, OUT/seg_crf),
 # as papers report it: two rows, results.json's segmenter_val_miou and segmenter_val_miou_crf.
 #
-# The background threshold of the pseudo masks on data of your own (--data, --toy DIR): the preset's fixed
-# value (VOC 0.15, toy 0.45; a DeiT S: 0.43), chosen without ground truth. To fit it to your data, label a
-# small subset (its ids in DIR/ImageSets/Segmentation/NAME.txt, its masks in DIR/SegmentationClass) and, after
-# a run (--no-seg is enough), sweep the threshold over the subset's CAMs:
+# The background threshold of the pseudo masks on data of your own (--data, --toy DIR): the preset's (VOC
+# 0.15; a DeiT S 0.43; toy: mass, each class's own read off its CAM, make_pseudo.py), chosen without ground
+# truth. To fit a constant to your data, label a small subset (its ids in DIR/ImageSets/Segmentation/NAME.txt,
+# its masks in DIR/SegmentationClass) and, after a run (--no-seg is enough), sweep the threshold over the
+# subset's CAMs:
 #   python make_pseudo.py --dataset voc --data DIR --split NAME --checkpoint OUT/refine/checkpoint.pt \
 #       --cams_only --out OUT/subset
 #   python eval_miou.py --dataset voc --data DIR --split NAME --cams OUT/subset/cams    # ends 'best threshold: T'
@@ -370,7 +371,7 @@ with open(tmp, "w") as f:
     json.dump(res, f, indent=1)
 os.replace(tmp, os.path.join(out, "results.json"))
 print(f"\nSemPLeS on {dataset}{'' if res['backbone'] in ('tiny', 'resnet50') else ', S ' + res['backbone']}, seed {seed}{', CAM network with clusters' if clusters else ''} (mIoU %; seeds at the best background threshold of a sweep, "
-      "as papers report them; pseudo masks at the fixed preset threshold)")
+      "as papers report them; pseudo masks at the preset threshold)")
 print(f"{'':34s} {'seed (CAM), train':>17s} {'pseudo mask, train':>19s}")
 for key, name in rows.items():
     r = res[key]

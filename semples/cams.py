@@ -246,10 +246,28 @@ def multiscale_cams(S, x, scales, size, device, amp, keep=None):
     return total
 
 
+MASS = "mass"  # --bg_threshold mass: each class's threshold from its own CAM (mass_thresholds)
+
+
+def mass_thresholds(cams):
+    """Per class, the threshold that keeps the CAM's mass: the value above which lies the share mean(M_k) of the
+    pixels, so the hard mask has the area of the soft mask M_k (min-max normalised, in [0, 1]) that stages (a)
+    and (c) train through CLIP. A stage that makes the CAM more compact moves its threshold with it, where a
+    constant one cuts into the object (docs/toy.md, "Threshold"). cams [C, H, W] -> [C]."""
+    flat = cams.reshape(len(cams), -1).astype(np.float64)
+    return np.array([np.quantile(m, 1 - m.mean()) for m in flat])
+
+
 def pseudo_mask(cams, classes, bg_threshold, image=None, crf=None):
     """cams [C, H, W] in [0, 1] of the present classes (1-based values `classes`) -> class-value map
-    uint8 [H, W]. With `crf` (a dict: gt_prob and CRF_DEFAULTS' keys) and `image`, dense CRF on the labels."""
+    uint8 [H, W]. bg_threshold: the constant background score, or MASS (each class at its mass_thresholds,
+    where two classes claim a pixel the one further above its own threshold wins). With `crf` (a dict: gt_prob
+    and CRF_DEFAULTS' keys) and `image`, dense CRF on the labels."""
     # ---------------- algorithm logic ----------------
+    if bg_threshold == MASS:  # each map remapped (monotone, piecewise linear) so that its threshold lands on 0.5
+        t = mass_thresholds(cams)[:, None, None]
+        cams = np.where(cams >= t, 0.5 + 0.5 * (cams - t) / np.maximum(1 - t, 1e-6), 0.5 * cams / np.maximum(t, 1e-6))
+        bg_threshold = 0.5
     bg = np.full((1,) + cams.shape[1:], bg_threshold, np.float64)  # float64 as metrics.sweep_confusion
     labels = np.concatenate([bg, cams]).argmax(0)  # the first maximum: a tie goes to the background
     if crf is not None and len(classes):

@@ -95,3 +95,10 @@ def test_seed_table_is_the_mean_and_std_over_seeds():
     assert "control (lambda 0)" not in row and "SemPLeS - control" not in row
     assert row["segmenter, val (no CRF / CRF)"].split()[:3] == ["70.00", "+-", "0.00"]
     assert row["segmenter, val (no CRF / CRF)"].split()[5:8] == ["75.00", "+-", "0.00"]
+    # --generator make_toy2: its worlds' folders, named in the table; world 0 is not "the default world" there
+    assert seeds.world_dir(0, "make_toy2").endswith(os.path.join("data", "toy2"))
+    assert seeds.world_dir(3, "make_toy2").endswith(os.path.join("data", "toy2_w3"))
+    assert seeds.world_dir(0).endswith(os.path.join("data", "toy"))
+    lines = seeds.table([0], [0, 2], {k.replace("w1", "w0"): v for k, v in results.items()}, "make_toy2").splitlines()
+    assert lines[0] == "worlds of tools/make_toy2.py" and lines[3] == "world 0"
+    assert seeds.build_parser().parse_args(["--generator", "make_toy2"]).generator == "make_toy2"

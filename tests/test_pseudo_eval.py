@@ -14,7 +14,7 @@ from PIL import Image
 from torchmetrics.functional.classification import multiclass_jaccard_index
 
 from semples import datasets, metrics, network, runtime
-from semples.cams import crf_probs, dense_crf, load_cams, pseudo_mask, save_cams
+from semples.cams import MASS, crf_probs, dense_crf, load_cams, mass_thresholds, pseudo_mask, save_cams
 import eval_miou
 import make_pseudo
 
@@ -171,6 +171,35 @@ def test_sweep_equals_thresholded_pseudo_masks():
         for n, t in enumerate(thresholds):
             mask = pseudo_mask(cams, np.array(classes, int), t)
             assert np.array_equal(sweep[n], metrics.confusion_matrix(gt, mask, C)), (classes, t)
+
+
+@pytest.mark.smoke
+def test_mass_threshold_keeps_each_cams_area():
+    """--bg_threshold mass: each class's hard mask has the area of its soft mask (the CAM's mean), whatever the
+    CAM's shape; a CAM made more compact (the same object, values squared) gets a lower threshold and keeps its
+    object, where a constant threshold cuts into it; of two classes claiming a pixel, the one further above its
+    own threshold wins."""
+    yy, xx = np.mgrid[:64, :64] / 63.0
+    blob = np.exp(-((yy - 0.4) ** 2 + (xx - 0.5) ** 2) / 0.05)  # one smooth object
+    for cam in (blob, blob ** 2, blob ** 4, np.clip(blob * 1.5, 0, 1)):
+        cam = (cam - cam.min()) / (cam.max() - cam.min())
+        t = mass_thresholds(cam[None])[0]
+        area = (pseudo_mask(cam[None], np.array([3]), MASS) == 3).mean()
+        assert abs(area - cam.mean()) < 2 / cam.size + 1e-9, (area, cam.mean())  # quantile ties: a pixel or two
+        assert np.isclose((cam > t).mean(), cam.mean(), atol=2 / cam.size)
+    soft, sharp = blob, blob ** 2
+    assert mass_thresholds(sharp[None])[0] < mass_thresholds(soft[None])[0]  # compact: lower threshold
+    # a constant threshold keeps less of the sharper map; mass keeps a share of each equal to its mean
+    assert (sharp > 0.5).mean() < (soft > 0.5).mean()
+    # two classes: a weak wide map and a strong narrow one; each wins where it is further above its threshold
+    two = np.stack([np.clip(blob * 1.2, 0, 1), np.roll(blob, 20, axis=1) ** 3])
+    mask = pseudo_mask(two, np.array([1, 2]), MASS)
+    t = mass_thresholds(two)
+    lift = np.where(two >= t[:, None, None], 0.5 + 0.5 * (two - t[:, None, None]) / (1 - t[:, None, None]), 0)
+    want = np.where(lift.max(0) > 0.5, lift.argmax(0) + 1, 0)
+    assert np.array_equal(mask, want) and set(np.unique(mask)) == {0, 1, 2}
+    # an all-zero map (a labelled class S sees nowhere) leaves the image to the background, not to that class
+    assert (pseudo_mask(np.zeros((1, 8, 8)), np.array([1]), MASS) == 0).all()
 
 
 def test_bad_input_names_the_file(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Category clusters, measured: the CAM network trained without and with --clusters, and the full SemPLeS
 pipeline on top of each, over pipeline seeds; each cell a mean +- std of seed mIoU (best threshold of a
-sweep) and pseudo-mask mIoU (fixed preset threshold) on the train list.
+sweep) and pseudo-mask mIoU (the preset threshold) on the train list.
 
 Toy world (2-core CPU, about 35 minutes for 3 seeds; data/toy is made first if absent):
     python tools/compare_clusters.py --dataset toy --seeds 0 1 2 --out out/toy_clusters

@@ -254,11 +254,16 @@ def read_pair(args, image_id):
 # ----------------------------------------------------------------------------------------------
 # The pictures and the pseudo-mask losses
 # ----------------------------------------------------------------------------------------------
+def threshold_text(t):
+    """make_pseudo's --bg_threshold as its params.json holds it: a number, or the word mass."""
+    return t if isinstance(t, str) else f"{t:.2f}"
+
+
 def cam_grid(args, ids, names, seeds, pseudo, n):
     """Rows (image, class) of the first n images of `ids` with objects; returns (picture, rows with IoUs)."""
     titles = (["image", "ground truth"]
               + [f"{STAGES[k][1]}\nt={seeds[k]['best_threshold']:.2f}" for k in STAGES]
-              + [f"pseudo mask\n(c) t={pseudo['bg_threshold']:.2f}{'+CRF' if pseudo['crf'] else ''}"])
+              + [f"pseudo mask\n(c) t={threshold_text(pseudo['bg_threshold'])}{'+CRF' if pseudo['crf'] else ''}"])
     tiles, rows = [], []
     for i in ids:
         image, gt, present = read_pair(args, i)

@@ -6,7 +6,11 @@ table of mean +- std over the seeds.
     python tools/seeds.py --worlds 0 --seeds 0 1 2 --seg --out out/seeds_seg                   # + the segmenter
     python tools/seeds.py --worlds 0 --seeds 0 1 2 --seg --backbone deit_toy --out out/seeds_deit  # a DeiT S
 
-World 0 is the default world (data/toy); world W > 0 is `tools/make_toy.py --seed W` in data/toy_wW. Each run is
+World 0 is the default world (data/toy); world W > 0 is `tools/make_toy.py --seed W` in data/toy_wW. With
+--generator make_toy2 the worlds are the second, independent generator's (`tools/make_toy2.py --seed W` in data/toy2,
+data/toy2_wW), run as any VOC-layout folder with its own CLIP (run.sh --toy DIR):
+    python tools/seeds.py --generator make_toy2 --worlds 0 --seeds 0 1 2 --out out/seeds_toy2
+Each run is
 a plain `bash run.sh --toy DATA --seed S --out OUT/wW_sS --no-seg` (--seg: with the segmenter; --backbone NAME:
 train_cam.py's S) with one thread (--jobs runs at once), so
 run.sh's own step keys decide what is reused; the control reads that run's stage (a) and is keyed on its commands,
@@ -33,6 +37,9 @@ def build_parser():
     p = runtime.new_parser(__doc__)
     p.add_argument("--worlds", type=runtime.nonnegative_int, nargs="+", default=[0, 1, 2],
                    help="toy worlds (make_toy --seed); 0 is the default world data/toy")
+    p.add_argument("--generator", type=str, default="make_toy", choices=GENERATORS,
+                   help="which tools/ script makes the worlds: make_toy (the default world) or make_toy2 (the second, "
+                        "independent one)")
     p.add_argument("--seeds", type=runtime.nonnegative_int, nargs="+", default=[0, 1, 2], help="pipeline seeds")
     p.add_argument("--out", type=str, default=os.path.join(runtime.REPO, "out", "seeds"), help="output folder")
     p.add_argument("--jobs", type=runtime.positive_int, default=2, help="runs at once, one thread each")
@@ -44,8 +51,12 @@ def build_parser():
     return p
 
 
-def world_dir(w):
-    return os.path.join(runtime.REPO, "data", "toy" if w == 0 else f"toy_w{w}")
+GENERATORS = {"make_toy": "toy", "make_toy2": "toy2"}  # script -> its worlds' folder name under data/
+
+
+def world_dir(w, generator="make_toy"):
+    name = GENERATORS[generator]
+    return os.path.join(runtime.REPO, "data", name if w == 0 else f"{name}_w{w}")
 
 
 def sh(cmd, log_path):
@@ -92,8 +103,8 @@ def control(data, seed, run):
         f.write(key)
 
 
-def one(w, seed, out, backbone=None, seg=False, with_control=True):
-    run, data = os.path.join(out, f"w{w}_s{seed}"), world_dir(w)
+def one(w, seed, out, backbone=None, seg=False, with_control=True, generator="make_toy"):
+    run, data = os.path.join(out, f"w{w}_s{seed}"), world_dir(w, generator)
     os.makedirs(run, exist_ok=True)
     flags = (["--backbone", backbone] if backbone else []) + ([] if seg else ["--no-seg"])
     sh(["bash", "run.sh", "--toy", data, "--seed", str(seed), "--out", run, *flags], os.path.join(run, "run.log"))
@@ -118,13 +129,15 @@ def cell(values):
     return f"{v.mean():.2f} +- {v.std():.2f} ({' '.join(f'{x:.2f}' for x in v)})"  # numpy's std, ddof 0
 
 
-def table(worlds, seeds, results):
+def table(worlds, seeds, results, generator="make_toy"):
     """The printed table: per world, each row's mean +- std over the seeds and the per-seed values."""
     lines = []
+    if generator != "make_toy":
+        lines.append(f"worlds of tools/{generator}.py")
     lines.append(f"mIoU %, toy train, mean +- std over pipeline seeds {' '.join(map(str, seeds))} (per seed in brackets)")
     lines.append(f"{'':34s} {'seed (CAM)':36s} pseudo mask")
     for w in worlds:
-        lines.append(f"world {w}" + (" (the default world)" if w == 0 else ""))
+        lines.append(f"world {w}" + (" (the default world)" if w == 0 and generator == "make_toy" else ""))
         runs = [results[f"w{w}_s{s}"] for s in seeds]
         rows = [row for row in ROWS if all(row[0] in r for r in runs)]  # --no-control: no control rows
         for key, name, _ in rows:
@@ -144,19 +157,19 @@ def table(worlds, seeds, results):
 def main(args):
     runtime.make_dir(args.out)
     for w in args.worlds:  # each world whole (dataset and tiny CLIP) before any run reads it
-        print(f"== world {w}: {world_dir(w)}", flush=True)
-        sh([sys.executable, "tools/make_toy.py", "--out", world_dir(w), "--seed", str(w)],
-           os.path.join(args.out, f"make_toy_w{w}.log"))
+        print(f"== world {w}: {world_dir(w, args.generator)}", flush=True)
+        sh([sys.executable, f"tools/{args.generator}.py", "--out", world_dir(w, args.generator), "--seed", str(w)],
+           os.path.join(args.out, f"{args.generator}_w{w}.log"))
     jobs = [(w, s) for w in args.worlds for s in args.seeds]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {job: pool.submit(one, *job, args.out, args.backbone, args.seg, args.control) for job in jobs}
+        futures = {job: pool.submit(one, *job, args.out, args.backbone, args.seg, args.control, args.generator) for job in jobs}
         results = {f"w{w}_s{s}": futures[(w, s)].result() for w, s in jobs}
     with runtime.atomic_path(os.path.join(args.out, "seeds.json")) as tmp, open(tmp, "w") as f:
-        json.dump({"worlds": args.worlds, "seeds": args.seeds, "backbone": args.backbone, "seg": args.seg,
+        json.dump({"generator": args.generator, "worlds": args.worlds, "seeds": args.seeds, "backbone": args.backbone, "seg": args.seg,
                    "runs": results}, f, indent=1)
     if args.backbone:
         print(f"S: {args.backbone}")
-    print(table(args.worlds, args.seeds, results))
+    print(table(args.worlds, args.seeds, results, args.generator))
     print(f"results: {os.path.join(args.out, 'seeds.json')}")
 
 
