@@ -254,7 +254,7 @@ def mass_thresholds(cams):
     pixels, so the hard mask has the area of the soft mask M_k (min-max normalised, in [0, 1]) that stages (a)
     and (c) train through CLIP. A stage that makes the CAM more compact moves its threshold with it, where a
     constant one cuts into the object (docs/toy.md, "Threshold"). cams [C, H, W] -> [C]."""
-    flat = cams.reshape(len(cams), -1).astype(np.float64)
+    flat = cams.reshape(len(cams), int(np.prod(cams.shape[1:]))).astype(np.float64)  # an image with no class: [0, H*W]
     return np.array([np.quantile(m, 1 - m.mean()) for m in flat])
 
 

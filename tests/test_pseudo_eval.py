@@ -200,6 +200,8 @@ def test_mass_threshold_keeps_each_cams_area():
     assert np.array_equal(mask, want) and set(np.unique(mask)) == {0, 1, 2}
     # an all-zero map (a labelled class S sees nowhere) leaves the image to the background, not to that class
     assert (pseudo_mask(np.zeros((1, 8, 8)), np.array([1]), MASS) == 0).all()
+    # an image with no labelled class (left out of training, still in the list): all background, no error
+    assert (pseudo_mask(np.zeros((0, 8, 8), np.float32), np.zeros(0, int), MASS) == 0).all()
 
 
 def test_bad_input_names_the_file(tmp_path, capsys):

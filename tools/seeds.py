@@ -7,12 +7,12 @@ table of mean +- std over the seeds.
     python tools/seeds.py --worlds 0 --seeds 0 1 2 --seg --backbone deit_toy --out out/seeds_deit  # a DeiT S
 
 World 0 is the default world (data/toy); world W > 0 is `tools/make_toy.py --seed W` in data/toy_wW. With
---generator make_toy2 the worlds are the second, independent generator's (`tools/make_toy2.py --seed W` in data/toy2,
-data/toy2_wW), run as any VOC-layout folder with its own CLIP (run.sh --toy DIR):
+--generator make_toy2 the worlds are the second, independent generator's (`tools/make_toy2.py --seed W` in
+data/toy2, data/toy2_wW), run as any VOC-layout folder with its own CLIP (run.sh --toy DIR):
     python tools/seeds.py --generator make_toy2 --worlds 0 --seeds 0 1 2 --out out/seeds_toy2
-Each run is
-a plain `bash run.sh --toy DATA --seed S --out OUT/wW_sS --no-seg` (--seg: with the segmenter; --backbone NAME:
-train_cam.py's S) with one thread (--jobs runs at once), so
+
+Each run is a plain `bash run.sh --toy DATA --seed S --out OUT/wW_sS --no-seg` (--seg: with the segmenter;
+--backbone NAME: train_cam.py's S) with one thread (--jobs runs at once), so
 run.sh's own step keys decide what is reused; the control reads that run's stage (a) and is keyed on its commands,
 the code they run and the stage (a) checkpoint. Writes OUT/seeds.json (every number) and prints the table.
 """
@@ -162,11 +162,12 @@ def main(args):
            os.path.join(args.out, f"{args.generator}_w{w}.log"))
     jobs = [(w, s) for w in args.worlds for s in args.seeds]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {job: pool.submit(one, *job, args.out, args.backbone, args.seg, args.control, args.generator) for job in jobs}
+        futures = {job: pool.submit(one, *job, args.out, args.backbone, args.seg, args.control, args.generator)
+                   for job in jobs}
         results = {f"w{w}_s{s}": futures[(w, s)].result() for w, s in jobs}
     with runtime.atomic_path(os.path.join(args.out, "seeds.json")) as tmp, open(tmp, "w") as f:
-        json.dump({"generator": args.generator, "worlds": args.worlds, "seeds": args.seeds, "backbone": args.backbone, "seg": args.seg,
-                   "runs": results}, f, indent=1)
+        json.dump({"generator": args.generator, "worlds": args.worlds, "seeds": args.seeds, "backbone": args.backbone,
+                   "seg": args.seg, "runs": results}, f, indent=1)
     if args.backbone:
         print(f"S: {args.backbone}")
     print(table(args.worlds, args.seeds, results, args.generator))
