@@ -329,6 +329,16 @@ def need_dir(path, what, hint):
     return path
 
 
+def read_json(path):
+    """A JSON file's content, or None where it is missing or unreadable (e.g. half-written by a killed run): for
+    records a tool checks before reusing its own work (the toy worlds' meta files)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def need_file(path, what, hint):
     """`path` if it is a file, else FileNotFoundError naming it, what it is for and what to do."""
     if not os.path.isfile(path):

@@ -324,14 +324,6 @@ def _overlap(a, b):
 # ----------------------------------------------------------------------------------------------
 # The dataset
 # ----------------------------------------------------------------------------------------------
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def dataset_args(n_train, n_val, n_train_subset, size, seed, cooccur, multi):
     """The generation args a world stores in toy_meta.json ("args"): what makes it, and what reusing it checks."""
     return dict(version=GEN_VERSION, n_train=n_train, n_val=n_val, n_train_subset=min(n_train_subset, n_train),
@@ -348,7 +340,7 @@ def generate_dataset(out, n_train, n_val, n_train_subset, size, seed, cooccur, m
     defaults of the world's flags are WORLD_FLAGS, below). Returns the toy_meta.json dict."""
     args = dataset_args(n_train, n_val, n_train_subset, size, seed, cooccur, multi)
     meta_path = os.path.join(out, "toy_meta.json")
-    old = _read_json(meta_path)
+    old = runtime.read_json(meta_path)
     if not force and world_is_complete(old, args):
         write_clusters(out)  # a world made before the cluster file existed gets it too
         return old
@@ -396,7 +388,7 @@ def write_clusters(out):
     clusters = datasets.read_clusters(os.path.join(runtime.REPO, "semples", "clusters", "toy.json"), NAMES,
                                      "semples/clusters/toy.json")
     path = os.path.join(out, "clusters.json")
-    if _read_json(path) != clusters:
+    if runtime.read_json(path) != clusters:
         with runtime.atomic_path(path) as tmp, open(tmp, "w") as f:
             json.dump(clusters, f, indent=1)
 
@@ -493,7 +485,7 @@ def evaluate_clip(model, root, seed=0, n_bg=24):
             out["object_over_home_mean"] = float((obj - home).mean())
     # The background alone, as stage (b) learns the prompts from it: the object cut out (GT mask, mean fill).
     # Among all 18 words (classes and sceneries, the stages' template), the image's own scenery should win.
-    images = _read_json(os.path.join(root, "toy_meta.json"))["images"]
+    images = runtime.read_json(os.path.join(root, "toy_meta.json"))["images"]
     regions = [images[i]["regions"] for i, s in zip(ids, single.tolist()) if s]
     f = fill_colour("mean").view(1, 3, 1, 1)
     vb = F.normalize(model.encode_image(clip_normalise((1 - m) * img + m * f)), dim=-1)
@@ -611,7 +603,7 @@ def pretrain_clip(root, out_path, steps=900, batch_size=128, lr=1e-3, bg_caption
     after); None keeps the current setting. `cone` > 0: real CLIP's feature geometry (_fix_geometry), an
     experiment, off by default, with `gap_cos` the cosine of the two modalities' shared directions."""
     config = {**CLIP_CONFIG, **(config or {})}
-    dmeta = _read_json(os.path.join(root, "toy_meta.json")) or {}
+    dmeta = runtime.read_json(os.path.join(root, "toy_meta.json")) or {}
     want = {"config": config, "dataset_args": dmeta.get("args"), "version": GEN_VERSION,
             "pretrain_args": dict(steps=steps, batch_size=batch_size, lr=lr, bg_caption_frac=bg_caption_frac,
                                   plain_frac=plain_frac, scene_frac=scene_frac, scene_hole_frac=scene_hole_frac,
@@ -753,7 +745,7 @@ def world_args(args):
     """Fill each dataset flag not given (None) from the world already in --out, else from WORLD_FLAGS: rerunning
     `tools/make_toy.py --out DIR` (as run.sh does every time) keeps DIR's world, e.g. one made with --seed 1, and
     only retrains what an older make_toy made differently; a flag given explicitly remakes the world."""
-    old = (_read_json(os.path.join(args.out, "toy_meta.json")) or {}).get("args", {})
+    old = (runtime.read_json(os.path.join(args.out, "toy_meta.json")) or {}).get("args", {})
     for name, default in WORLD_FLAGS.items():
         if getattr(args, name) is None:
             setattr(args, name, old.get(name, default))
@@ -768,7 +760,7 @@ def main(args):
     args = world_args(args)
     world = {k: getattr(args, k) for k in WORLD_FLAGS}
     if args.part == "clip":  # the dataset must be there, made by an earlier --part dataset (run.sh's order)
-        meta = _read_json(os.path.join(args.out, "toy_meta.json"))
+        meta = runtime.read_json(os.path.join(args.out, "toy_meta.json"))
         if not world_is_complete(meta, dataset_args(**world)):
             raise ValueError(f"--part clip: {args.out} holds no complete world made with these flags; run "
                              f"`python tools/make_toy.py --out {args.out} --part dataset` first")

@@ -348,14 +348,6 @@ def scenery(rng, S, b):
 # ----------------------------------------------------------------------------------------------
 # The dataset
 # ----------------------------------------------------------------------------------------------
-def load_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def write_json(path, obj):
     with runtime.atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=0)
@@ -577,7 +569,7 @@ def main(args):
     a.update(version=VERSION, n_train_subset=min(args.n_train_subset, args.n_train))
     c = {k: getattr(args, k) for k in CLIP_FLAGS}
     meta_path, clip_path = os.path.join(args.out, "world2_meta.json"), os.path.join(args.out, "tiny_clip.pt")
-    old = None if args.force else load_json(meta_path)
+    old = None if args.force else runtime.read_json(meta_path)
     if old and old.get("complete") and old["args"] == a and old.get("clip_args") == c and os.path.exists(clip_path):
         print(f"world 2 in {args.out} is complete with these arguments: nothing to do")
         report(old)
